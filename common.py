@@ -1,0 +1,220 @@
+"""common.py: the one contract the ALT stages share. JSONL I/O, the conditioning template, policy loading.
+
+Prompt file (input of sample.py / evaluate.py), one JSON object per line:
+    {"prompt": "text"}  or the RealToxicityPrompts shape  {"prompt": {"text": "..."}},  optional "id"
+    (when "id" is missing, the id is the 0-based line index). An HF dataset name works too (load_prompts).
+
+Datapool row, one JSON object per (x, y). D grows across iterations; every stage reads/writes this shape:
+    prompt_id   int|str     id of x in its prompt file
+    sample_idx  int         index of y among the samples drawn for x in that iteration
+    prompt      str         the raw prompt x, never with feedback
+    generation  str         the continuation y
+    condition   str|null    the exemplar feedback f̂ prepended while sampling (null: unconditioned, iteration 1)
+    iteration   int         the ALT iteration k that sampled y
+    truncated   bool        y hit max_new_tokens without EOS
+    num_tokens  int         number of generated tokens
+  added by feedback.py:
+    reward      float|null  scalar reward of (x, y) (1 - toxicity for the toxicity task; null: scorer failed)
+    feedback    str|null    the textual feedback f (null: none could be given; train.py skips the row)
+
+Conditioning template (the single source, used by sample, train and evaluate):
+    condition(x, f) = f + "<|separator|>" + x        (x alone when f is None)
+"""
+import contextlib
+import json
+import os
+import random
+import sys
+import tempfile
+
+SEPARATOR = "<|separator|>"
+
+
+def quantile_token(k):
+    """Quark's k-th reward-quantile control token (k=0 is the best quantile)."""
+    return f"<|quantile_{k}|>"
+
+
+class AltError(Exception):
+    """A user-facing error: printed as one line (no traceback) and the stage exits with code 2."""
+
+
+def cli(main):
+    """Run a stage's main(); turn AltError into a one-line message and exit code 2."""
+    try:
+        main()
+    except AltError as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- JSONL I/O
+def read_jsonl(path, required=(), allow_empty=False, partial_ok=False):
+    """Read a JSONL file; errors name file:line and the key. partial_ok drops a torn last line (append logs)."""
+    try:
+        with open(path, "rb") as fh:
+            lines = fh.read().split(b"\n")
+    except OSError as e:
+        raise AltError(f"{path}: cannot read ({e.strerror})") from None
+    rows = []
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise AltError(f"{path}:{i}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+        except json.JSONDecodeError as e:
+            if partial_ok and i >= len(lines) - 1:  # a crash mid-append leaves at most one torn final line
+                break
+            raise AltError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise AltError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+        for key in required:
+            if key not in row:
+                raise AltError(f"{path}:{i}: missing key '{key}'")
+        rows.append(row)
+    if not rows and not allow_empty:
+        raise AltError(f"{path}: file is empty")
+    return rows
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="w"):
+    """Write to a temp file in the same folder, then rename: a crash never leaves a half-written `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_jsonl(path, rows):
+    with atomic_open(path) as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_json(path, obj):
+    with atomic_open(path) as fh:
+        json.dump(obj, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
+
+
+def append_jsonl(fh, row):
+    """Append one row to an open log and make it durable now (side files, LLM caches); read back with partial_ok."""
+    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def _field(row, dotted):
+    for part in dotted.split("."):
+        if not isinstance(row, dict) or part not in row:
+            return None
+        row = row[part]
+    return row
+
+
+def load_prompts(spec, split="train", field=None):
+    """Prompts as [{"id", "prompt"}] from a local JSONL file or, with `field` (dotted, e.g. prompt.text), any
+    `datasets` source: an HF dataset name, or a local JSON/JSONL file through datasets' json loader."""
+    if os.path.isfile(spec) and field is None:
+        out = []
+        for i, row in enumerate(read_jsonl(spec, required=("prompt",))):
+            text = row["prompt"]["text"] if isinstance(row["prompt"], dict) and "text" in row["prompt"] else row["prompt"]
+            if not isinstance(text, str):
+                raise AltError(f"{spec}: row {i + 1}: 'prompt' must be a string or an object with 'text'")
+            out.append({"id": row.get("id", i), "prompt": text})
+        return out
+    import datasets  # only when needed: it is slow to import
+
+    try:
+        ds = (datasets.load_dataset("json", data_files=spec, split=split) if os.path.isfile(spec)
+              else datasets.load_dataset(spec, split=split))
+    except Exception as e:  # offline Hub, unknown name, bad split: one clear line
+        raise AltError(f"cannot load prompts '{spec}' (split {split}): {type(e).__name__}: {e}") from None
+    field = field or "prompt"
+    out = []
+    for i, row in enumerate(ds):
+        text = _field(row, field)
+        text = text.get("text") if isinstance(text, dict) else text
+        if not isinstance(text, str):
+            raise AltError(f"{spec}: row {i}: no string at field '{field}'")
+        out.append({"id": row.get("id", i), "prompt": text})
+    if not out:
+        raise AltError(f"{spec}: no prompts")
+    return out
+
+
+# ----------------------------------------------------------------------------- conditioning
+def condition(prompt, feedback):
+    """The model input for x under feedback f: f, the separator token, then x. p_0 (feedback None) sees x alone."""
+    return prompt if feedback is None else f"{feedback}{SEPARATOR}{prompt}"
+
+
+def strip_condition(text):
+    """Inverse of condition(): (feedback or None, prompt)."""
+    feedback, sep, prompt = text.partition(SEPARATOR)
+    return (feedback, prompt) if sep else (None, text)
+
+
+# ----------------------------------------------------------------------------- models
+def default_device_dtype():
+    import torch
+
+    return ("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32")
+
+
+def control_token_ids(tokenizer):
+    """Ids of the tokens ALT adds (separator, Quark quantiles): sampling must never generate them."""
+    return sorted(i for t, i in tokenizer.get_vocab().items() if t == SEPARATOR or t.startswith("<|quantile_"))
+
+
+def load_policy(name_or_path, device=None, dtype=None, extra_tokens=(), trust_remote_code=False):
+    """Any HF causal LM by Hub name or local path -> (model, tokenizer): left padding, a pad token, and the
+    separator (plus `extra_tokens`, e.g. Quark's) added as special tokens with new embedding rows set to EOS's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev, dt = default_device_dtype()
+    device, dtype = device or dev, dtype or dt
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise AltError(f"cannot load model '{name_or_path}': not a local model folder and not loadable from the "
+                       f"Hub{offline}: {str(e).splitlines()[0]}") from None
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    new = [t for t in (SEPARATOR, *extra_tokens) if t not in tok.get_vocab()]
+    if new:
+        tok.add_tokens(new, special_tokens=True)
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+        new_ids = tok.convert_tokens_to_ids(new)
+        with torch.no_grad():
+            for emb in {model.get_input_embeddings(), model.get_output_embeddings()} - {None}:
+                emb.weight[new_ids] = emb.weight[tok.eos_token_id].clone()
+    model.config.pad_token_id = tok.pad_token_id
+    return model.to(device), tok
+
+
+def seed_everything(seed):
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)

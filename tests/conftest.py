@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny GPT-2 (2 layers, 32 dims) with its own small BPE, built locally, never from the Hub."""
+import os
+import sys
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
+
+WORDS = ("the a cat dog sat on mat and you are so stupid idiot nice kind people went to market today "
+         "i think that he she it was very good bad day night sun moon shut up hate love this is what "
+         "news report said police man woman city street car house tree").split()
+
+
+def tiny_texts(n=400):
+    import random
+
+    rng = random.Random(0)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) + "." for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny GPT-2 + tokenizer folder (safetensors), loadable with from_pretrained / common.load_policy."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from toy.build_toy_model import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_gpt2")
+    tok = train_tokenizer(tiny_texts(), vocab_size=400)
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128, vocab_size=len(tok),
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(cfg).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """../shared/data beside the repo; tests that need it skip cleanly in a user's fresh clone."""
+    if not os.path.isdir(SHARED):
+        pytest.skip("../shared/data is absent (only developers and CI have it)")
+    return SHARED
