@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import evaluate
-from common import AltError
+from common import SEPARATOR, AltError
 from conftest import ROOT, WORDS
 
 
@@ -218,32 +218,53 @@ def test_bad_inputs(tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 @pytest.mark.slow
-def test_smoke_sampling_run(tmp_path, tiny_model_dir):
-    """5 prompts x 3 samples from the tiny model, conditioned on the best tag its train_summary.json records."""
+def test_smoke_sampling_run_and_resume(tmp_path, tiny_model_dir, monkeypatch):
+    """5 prompts x 3 samples from the tiny model, conditioned on the best tag its train_summary.json records; then
+    a run that dies after sampling resumes from its log and gives the same rows without sampling again."""
     import shutil
+
+    import sample
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
     (model / "train_summary.json").write_text(json.dumps({"method": "alt-rm", "exemplar": "Lowest Toxicity",
                                                           "tags": ["Lowest Toxicity", "Maximum Toxicity"]}))
-    prompts = write_rows(tmp_path / "p.jsonl", [{"prompt": {"text": t}} for t in
-                                                ("the cat", "you are so", "police said", "", "i think that")])
+    texts = ("the cat", "you are so", "police said", "", "i think that", "news report said")
+    prompts = write_rows(tmp_path / "p.jsonl", [{"prompt": {"text": t}} for t in texts])  # RTP shape
+    args = ["--model", str(model), "--prompts", prompts, "--num-samples", "3", "--max-new-tokens", "8",
+            "--fluency-model", tiny_model_dir, "--extra-scorer", "profanity-check", "--batch-size", "2"]
     out = tmp_path / "ev"
-    cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--model", str(model), "--prompts", prompts,
-           "--out", str(out), "--num-samples", "3", "--max-new-tokens", "8", "--fluency-model", tiny_model_dir,
-           "--extra-scorer", "profanity-check"]
+    cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), *args, "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr
     res = json.loads((out / "eval.json").read_text())
-    assert (res["n_prompts"], res["n_generations"]) == (5, 15)
+    assert (res["n_prompts"], res["n_generations"]) == (5, 15) and res["counts"]["n_prompts_empty_skipped"] == 1
     assert res["config"]["condition_resolved"] == "Lowest Toxicity" and res["scorer"] == "profanity-check"
     assert 0 <= res["avg_max_toxicity"] <= 1 and res["fluency_ppl"] > 1 and 0 < res["dist_1"] <= 1
     assert res["extra"]["avg_max_toxicity"] == pytest.approx(res["avg_max_toxicity"])  # same scorer, same y
-    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    assert len(rows) == 15 and {r["condition"] for r in rows} == {"Lowest Toxicity"}
-    assert all("<|separator|>" not in r["prompt"] for r in rows)
-    for key in ("avg_max_toxicity", "fluency_ppl", "dist_3", "n_generations"):
+    rows = (out / "generations.jsonl").read_text()
+    assert len(rows.splitlines()) == 15 and {json.loads(r)["condition"] for r in rows.splitlines()} == {
+        "Lowest Toxicity"}
+    assert SEPARATOR not in rows and not (out / "eval.partial.jsonl").exists()
+    for key in ("avg_max_toxicity", "fluency_ppl", "dist_3", "n_generations", "extra [profanity-check]"):
         assert key in proc.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert again.returncode == 0 and "done" in again.stdout
+
+    crashed = tmp_path / "crashed"
+    import feedback
+
+    def dead_scorer(*a, **k):
+        raise RuntimeError("killed while scoring")
+    monkeypatch.setattr(feedback, "make_scorer", dead_scorer)
+    with pytest.raises(RuntimeError):
+        evaluate.main([*args, "--out", str(crashed)])
+    assert not (crashed / "eval.json").exists() and (crashed / "eval.partial.jsonl").exists()
+    monkeypatch.undo()
+
+    def no_sampling(*a, **k):
+        raise AssertionError("resumed run sampled again")
+    monkeypatch.setattr(sample, "sample_batch", no_sampling)
+    evaluate.main([*args, "--out", str(crashed)])
+    assert (crashed / "generations.jsonl").read_text() == rows
