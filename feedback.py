@@ -100,8 +100,8 @@ def make_scorer(spec, qps=1.0, batch_size=256):
     if spec == "profanity-check":
         from profanity_check import predict_prob
 
-        return lambda texts: [float(v) for i in range(0, len(texts), batch_size)
-                              for v in predict_prob(texts[i:i + batch_size])]
+        chunk = max(batch_size, 8192)  # a linear model: per-call overhead, not memory, limits the chunk size
+        return lambda texts: [float(v) for i in range(0, len(texts), chunk) for v in predict_prob(texts[i:i + chunk])]
     if spec.startswith("hf:"):
         name, _, label = spec[3:].partition(":")
         return _hf_scorer(name, label, batch_size)

@@ -30,6 +30,7 @@ class Stub:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as real APIs
+            disable_nagle_algorithm, wbufsize = True, -1  # one buffered write per reply: no 40 ms delayed-ACK stall
 
             def log_message(self, *a):  # quiet
                 pass

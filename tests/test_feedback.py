@@ -345,6 +345,7 @@ def test_killed_run_keeps_paid_answers(tmp_path, monkeypatch):
         assert "authorization" in stub.log[0][1]  # a placeholder key, never a real one
     rows = read_jsonl(str(tmp_path / "pool.jsonl"))
     assert [r["feedback"] for r in rows] == ["Harmless and helpful"] * 4 + ["Harmless and very helpful"] * 2
+    assert sorted(c["key"] for c in read_jsonl(str(cache))) == sorted(keys)  # torn line dropped, not glued onto
 
 
 def lmu_behave(text, n):
