@@ -1,0 +1,490 @@
+"""train.py: stage 3 of ALT (Algorithm 1), θ_k ← argmin_θ L_θ on the datapool D, in one plain PyTorch loop.
+
+Equation 1 (x the prompt, y the generation, f its textual feedback, p_θ the policy, p_0 the initial model):
+    L_θ = E_(x,y,f)~D [ −log p_θ(y | f, x) ]                      # NLL, on y's tokens only
+        + β · E [ KL( p_0(· | x, y<t) ‖ p_θ(· | f, x, y<t) ) ]     # the reference p_0 sees NO feedback
+        − α · E [ H( p_θ(· | f, x, y<t) ) ]                      # entropy bonus
+Every E is a token-level mean over the response tokens of one optimizer step (all micro-batches, all ranks), as in
+the official toxicity trainer; KL and H are exact sums over the full vocabulary, taken only at response positions.
+
+Input  --data POOL.jsonl: datapool rows (schema in common.py); used: prompt_id, prompt, generation, feedback,
+       truncated. feedback=null rows are skipped and counted. The sidecar POOL.meta.json is read when present.
+Output --out DIR: save_pretrained (safetensors) + tokenizer (with ALT's added tokens);
+       DIR/train_log.jsonl, one row per step: step, epoch, nll, kl, entropy, total, beta, alpha, lr, grad_norm,
+       tokens, tokens_per_s; DIR/train_summary.json: method, tags, exemplar (copied from the pool meta), counts,
+       final losses. While running, DIR/checkpoint/ holds the resume state; a finished DIR makes a rerun print "done".
+Launch:
+    python train.py --data runs/x/iter_2/pool.jsonl --model runs/x/iter_1/model --ref-model toy/model \
+        --out runs/x/iter_2/model --beta 0.05 --alpha 0.06
+    torchrun --nproc_per_node 2 train.py ...                      # DDP: gloo on CPU, nccl on GPU
+    deepspeed --num_gpus 2 train.py --deepspeed configs/ds_zero2.json ...
+Token layout: each prefix (condition(x, f) for p_θ, x alone for p_0) and y are tokenised apart and concatenated, so
+y's ids are identical in both encodings. A batch left-pads the prefixes and right-pads y: y starts in the same column
+P of every row, and one [B, R] response mask serves both models.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+
+import common
+from common import AltError
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # ---- defaults block: the paper's toxicity setting (ALT, Sec. 4.1 and App. A)
+    p.add_argument("--data", required=True, help="datapool D_k (JSONL from feedback.py)")
+    p.add_argument("--model", required=True, help="start checkpoint: the previous iteration's θ (iteration 1: p_0)")
+    p.add_argument("--ref-model", help="p_0 for the KL term (paper: the initial model); default --model; loaded only if β>0")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--beta", type=float, default=0.05, help="KL coefficient β (paper, toxicity: 0.05)")
+    p.add_argument("--alpha", type=float, default=0.06, help="entropy-bonus coefficient α (paper, toxicity: 0.06)")
+    p.add_argument("--epochs", type=int, default=1, help="passes over D_k per iteration")
+    p.add_argument("--batch-size", type=int, default=32, help="micro-batch per rank (paper: 32)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step; global = batch × accum × world")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (paper: Adam, 1e-5)")
+    p.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon (paper: 1e-8)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (paper: plain Adam, 0)")
+    p.add_argument("--warmup-ratio", type=float, default=0.05, help="share of steps in the linear warmup (paper: linear warmup)")
+    p.add_argument("--max-grad-norm", type=float, help="clip the gradient norm (paper: none)")
+    p.add_argument("--per-category", type=int, help="keep n samples per (prompt, feedback) (the paper's TL;DR/HH balance)")
+    p.add_argument("--drop-truncated", action="store_true", help="drop y that hit max_new_tokens (paper: kept)")
+    p.add_argument("--max-samples", type=int, help="random subset of N rows after filtering (paper: all)")
+    p.add_argument("--target-kl", type=float, help="adapt β so the per-token KL stays near this (paper: fixed β)")
+    p.add_argument("--target-entropy", type=float, help="adapt α so the per-token entropy stays near this (paper: fixed α)")
+    p.add_argument("--controller-rate", type=float, default=0.1, help="log-step of the adaptive β/α controllers")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="bf16 autocast (auto: on GPU)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+    p.add_argument("--save-every", type=int, default=100, help="write the resume checkpoint every N steps")
+    p.add_argument("--seed", type=int, default=0, help="data order, subsets and dropout")
+    p.add_argument("--deepspeed", metavar="CONFIG", help="run under deepspeed.initialize (e.g. configs/ds_zero2.json)")
+    p.add_argument("--expect-method", help="error unless the pool meta's method is this (alt_loop.py passes it)")
+    p.add_argument("--overwrite", action="store_true", help="retrain even if --out is finished")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off: paper uses GPT-2)")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
+    a = p.parse_args(argv)
+    for name in ("epochs", "batch_size", "grad_accum", "save_every", "per_category", "max_samples"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not (a.lr > 0 and a.beta >= 0 and math.isfinite(a.alpha) and 0 <= a.warmup_ratio <= 1):
+        p.error("need --lr > 0, --beta >= 0, a finite --alpha and 0 <= --warmup-ratio <= 1")
+    if (a.target_kl is not None and not (a.target_kl > 0 and a.beta > 0)) or \
+            (a.target_entropy is not None and not (a.target_entropy > 0 and a.alpha > 0)):
+        p.error("--target-kl needs --beta > 0 and --target-entropy needs --alpha > 0 (both targets > 0)")
+    return a
+
+
+# ----------------------------------------------------------------------------- data: D_k -> token ids
+def meta_path(pool):
+    """The pool's sidecar meta: POOL minus ".jsonl" plus ".meta.json" (written by feedback.py)."""
+    return (pool[:-len(".jsonl")] if pool.endswith(".jsonl") else pool) + ".meta.json"
+
+
+def read_meta(pool):
+    path = meta_path(pool)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise AltError(f"{path}: cannot read the pool meta ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("tags") or [], list):
+        raise AltError(f"{path}: expected a JSON object whose 'tags' is a list")
+    return meta
+
+
+def read_pool(path, tags=None, per_category=None, drop_truncated=False, max_samples=None, seed=0):
+    """D_k -> (rows to train on, counts). Every skip is counted; a feedback outside the meta's tags is an error."""
+    rows = common.read_jsonl(path, required=("prompt", "generation", "feedback"))
+    with open(path, "rb") as fh:  # read_jsonl drops blank lines: map rows back to file lines for messages
+        lines = [i for i, raw in enumerate(fh.read().split(b"\n"), 1) if raw.strip()]
+    counts = dict(read=len(rows), null_feedback=0, empty_generation=0, truncated=0, per_category=0, max_samples=0)
+    kept = []
+    for line, r in zip(lines, rows):
+        for key in ("prompt", "generation"):
+            if not isinstance(r[key], str):
+                raise AltError(f"{path}:{line}: '{key}' must be a string")
+        if r["feedback"] is None:
+            counts["null_feedback"] += 1
+        elif not isinstance(r["feedback"], str):
+            raise AltError(f"{path}:{line}: 'feedback' must be a string or null")
+        elif tags and r["feedback"] not in tags:
+            raise AltError(f"{path}:{line}: feedback {r['feedback']!r} is not one of the {len(tags)} tags in "
+                           f"{meta_path(path)} (a pool from another method or K?)")
+        elif not r["generation"]:  # nothing to learn but an instant EOS; would reward-hack toward empty outputs
+            counts["empty_generation"] += 1
+        elif drop_truncated and r.get("truncated"):
+            counts["truncated"] += 1
+        else:
+            kept.append(r)
+    rng = random.Random(seed)
+    if per_category:
+        groups = {}
+        for r in kept:
+            groups.setdefault((str(r.get("prompt_id", r["prompt"])), r["feedback"]), []).append(r)
+        kept = [r for g in groups.values() for r in (rng.sample(g, per_category) if len(g) > per_category else g)]
+        counts["per_category"] = sum(len(g) for g in groups.values()) - len(kept)
+    if max_samples and len(kept) > max_samples:
+        counts["max_samples"], kept = len(kept) - max_samples, rng.sample(kept, max_samples)
+    counts["used"] = len(kept)
+    return kept, counts
+
+
+def pack(prefix_ids, response_ids, truncated, eos_id, bos_id, max_length):
+    """(prefix ids, y ids) -> the pair the model sees: EOS closes a y that stopped by itself; an over-long pair keeps
+    y (cut to max_length - 1) and the end of the prefix; an empty prefix becomes BOS (y_1 needs a context)."""
+    resp = (list(response_ids) + ([] if truncated else [eos_id]))[:max_length - 1]
+    pre = list(prefix_ids)[-(max_length - len(resp)):] or [bos_id]
+    return pre, resp
+
+
+def encode_rows(rows, tokenizer, max_length, reference=True):
+    """Pool rows -> [{"prefix": condition(x, f) ids, "ref_prefix": x ids (p_0's, if reference), "response": y ids}].
+    The prefix and y are tokenised apart, so y's ids are the same under both prefixes (feedback None: x alone)."""
+    eos = tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    tok = lambda texts, special=True: tokenizer(texts, add_special_tokens=special)["input_ids"]  # noqa: E731
+    pre = tok([common.condition(r["prompt"], r.get("feedback")) for r in rows])
+    ref = tok([r["prompt"] for r in rows]) if reference else pre
+    ys = tok([r["generation"] for r in rows], special=False)  # y continues the prefix: no BOS
+    out = []
+    for r, p, q, y in zip(rows, pre, ref, ys):
+        p2, y2 = pack(p, y, bool(r.get("truncated")), eos, bos, max_length)
+        ex = {"prefix": p2, "response": y2, "clipped": len(p2) + len(y2) < len(p) + len(y) + (not r.get("truncated"))}
+        if reference:
+            ex["ref_prefix"] = pack(q, y, bool(r.get("truncated")), eos, bos, max_length)[0]
+        out.append(ex)
+    return out
+
+
+def collate(pairs, pad_id):
+    """[(prefix ids, y ids)] -> prefix left-padded, y right-padded (y starts at column P in every row):
+    input_ids/attention_mask/position_ids [B, P+R]; targets (y) and resp_mask (real y tokens) [B, R]."""
+    import torch
+
+    P, R = max(len(p) for p, _ in pairs), max(len(y) for _, y in pairs)
+    ids = torch.full((len(pairs), P + R), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (p, y) in enumerate(pairs):
+        ids[i, P - len(p):P + len(y)] = torch.tensor(list(p) + list(y))
+        mask[i, P - len(p):P + len(y)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
+            "targets": ids[:, P:], "resp_mask": mask[:, P:].bool()}
+
+
+def plan_epoch(examples, global_batch, epoch, seed, window=4):
+    """Length-bucketed global batches for one epoch, identical on every rank: drop a random remainder, sort by prefix
+    length, re-sort each window of `window` batches by y length (both pads count), cut, shuffle the batch order."""
+    rng = random.Random(f"{seed}-{epoch}")
+    idx = list(range(len(examples)))
+    rng.shuffle(idx)
+    idx = sorted(idx[:len(idx) - len(idx) % global_batch], key=lambda i: len(examples[i]["prefix"]))
+    W = global_batch * window
+    idx = [i for s in range(0, len(idx), W) for i in sorted(idx[s:s + W], key=lambda i: len(examples[i]["response"]))]
+    batches = [idx[i:i + global_batch] for i in range(0, len(idx), global_batch)]
+    rng.shuffle(batches)
+    return batches
+
+
+# ----------------------------------------------------------------------------- Equation 1
+def response_logits(model, batch):
+    """Logits predicting each response token y_t from (prefix, y<t): [B, R, V] (lm head applied from column P-1 on)."""
+    R = batch["targets"].shape[1]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=R + 1, use_cache=False)
+    return out.logits[:, :-1]
+
+
+def response_logprobs(model, batch):
+    """log p(y_t | prefix, y<t) per response token [B, R], 0 at padding (sum over dim 1 = the sequence log-prob)."""
+    import torch
+
+    logp = torch.log_softmax(response_logits(model, batch).float(), -1)
+    return logp.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1) * batch["resp_mask"]
+
+
+def alt_loss(logits, ref_logits, targets, resp_mask):
+    """Equation 1's three sums over a micro-batch's N response tokens -> (nll, kl, entropy), 0-d tensors."""
+    import torch
+
+    logp = torch.log_softmax(logits[resp_mask].float(), -1)  # [N, V]: real response positions only
+    # -- Equation 1, NLL term: −log p_θ(y_t | f, x, y<t)
+    nll = -logp.gather(-1, targets[resp_mask].unsqueeze(-1)).sum()
+    # -- Equation 1, entropy term: H(p_θ(· | f, x, y<t)) = −Σ_v p_θ log p_θ  (enters the loss as −α·H)
+    entropy = -(logp.exp() * logp).sum()
+    # -- Equation 1, KL term: KL(p_0(· | x, y<t) ‖ p_θ(· | f, x, y<t)) = Σ_v p_0 (log p_0 − log p_θ)
+    kl = logp.new_zeros(())
+    if ref_logits is not None:
+        logq = torch.log_softmax(ref_logits[resp_mask].float(), -1)  # [N, V], p_0 without feedback
+        kl = (logq.exp() * (logq - logp)).sum()
+    return nll, kl, entropy
+
+
+# ----------------------------------------------------------------------------- checkpoints (resume)
+def save_checkpoint(out, model, tok, state, rank, barrier):
+    """Write DIR/checkpoint.tmp (weights safetensors, state.pt, one rng file per rank), then swap it in."""
+    import torch
+
+    ck, tmp = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        torch.save(state, os.path.join(tmp, "state.pt"))
+    barrier()
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, os.path.join(tmp, f"rng_{rank}.pt"))
+    barrier()
+    if rank == 0:  # rename is atomic; a crash between the two renames leaves checkpoint.old, which resume reads
+        if os.path.isdir(ck):
+            os.replace(ck, ck + ".old")
+        os.replace(tmp, ck)
+        shutil.rmtree(ck + ".old", ignore_errors=True)
+    barrier()
+
+
+def find_checkpoint(out):
+    for ck in (os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.old")):
+        if os.path.isfile(os.path.join(ck, "state.pt")):
+            return ck
+    return None
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    args = parse_args(argv)
+    summary_path, log_path = os.path.join(args.out, "train_summary.json"), os.path.join(args.out, "train_log.jsonl")
+    if os.path.exists(summary_path) and not args.overwrite:
+        print("done")
+        return
+    if args.overwrite and os.environ.get("RANK", "0") == "0":  # a crashed --overwrite run must not look finished
+        for name in ("train_summary.json", "checkpoint", "checkpoint.old", "checkpoint.tmp"):
+            path = os.path.join(args.out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
+    if args.deepspeed:
+        try:
+            import deepspeed
+        except ImportError:
+            raise AltError("--deepspeed needs the deepspeed package (pip install --no-build-isolation -r "
+                           "requirements-dist.txt)") from None
+        if not os.path.isfile(args.deepspeed):
+            raise AltError(f"{args.deepspeed}: DeepSpeed config not found")
+    import torch
+    from tqdm import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    # ---- distributed setup: torchrun / deepspeed set RANK, WORLD_SIZE, LOCAL_RANK
+    if args.deepspeed:  # a plain `python train.py --deepspeed` is a 1-process world
+        for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
+            os.environ.setdefault(k, v)
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    cuda = torch.cuda.is_available()
+    device = f"cuda:{local}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(local)
+    if args.deepspeed:
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    elif world > 1:
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    dist = torch.distributed.is_initialized()
+    barrier = torch.distributed.barrier if dist else (lambda: None)
+
+    def all_sum(t):  # [k] float64 sums over ranks
+        if dist:
+            torch.distributed.all_reduce(t)
+        return t
+
+    # ---- data
+    meta = read_meta(args.data)
+    if args.expect_method and meta.get("method") != args.expect_method:
+        raise AltError(f"{meta_path(args.data)}: pool method is {meta.get('method')!r}, expected {args.expect_method!r}")
+    tags = meta.get("tags") or []
+    rows, counts = read_pool(args.data, tags, args.per_category, args.drop_truncated, args.max_samples, args.seed)
+    extra = list(tags) if meta.get("method") == "quark" else []  # Quark's quantile tokens become single tokens
+
+    # ---- models: p_θ trains from --model (or the resume checkpoint); p_0 only when the KL term is on
+    ck = None if args.overwrite else find_checkpoint(args.out)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
+    model, tok = common.load_policy(ck or args.model, device, "float32", extra, args.trust_remote_code)
+    if meta.get("method") == "quark":
+        have = {t for t in tok.get_vocab() if t.startswith("<|quantile_")}
+        if have != set(tags):
+            raise AltError(f"{args.model} has {len(have)} quantile tokens but {meta_path(args.data)} lists "
+                           f"{len(tags)} tags: a pool from another K")
+    ref = None
+    if args.beta > 0:
+        ref, ref_tok = common.load_policy(args.ref_model or args.model, device, "bfloat16" if bf16 else "float32",
+                                          extra, args.trust_remote_code)
+        if ref_tok.get_vocab() != tok.get_vocab():
+            raise AltError(f"{args.ref_model or args.model}: p_0's vocabulary differs from {args.model}'s; the KL needs one vocabulary")
+        ref.eval().requires_grad_(False)
+    cfg = model.config
+    max_len = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 1024
+    examples = encode_rows(rows, tok, max_len, reference=ref is not None)
+    counts["clipped_to_context"] = sum(e["clipped"] for e in examples)
+    B, A = args.batch_size, args.grad_accum
+    G = B * A * world
+    if len(examples) < G:
+        raise AltError(f"{args.data}: {len(examples)} trainable rows, fewer than one global batch "
+                       f"(batch {B} x grad-accum {A} x world {world} = {G})")
+    steps_per_epoch = len(examples) // G
+    total_steps = steps_per_epoch * args.epochs
+
+    # ---- optimisation: AdamW + linear warmup/decay; DDP or DeepSpeed wrap the same model
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # dropout on; the official code trained in eval mode by mistake
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * total_steps), total_steps)
+    fingerprint = dict(data=os.path.abspath(args.data), examples=len(examples), global_batch=G, steps=total_steps,
+                       world=world, lr=args.lr, seed=args.seed)
+    step, beta, alpha = 0, args.beta, args.alpha
+    if ck:
+        state = torch.load(os.path.join(ck, "state.pt"), weights_only=True)
+        if state["fingerprint"] != fingerprint:
+            raise AltError(f"{ck}: made with other settings ({state['fingerprint']}); rerun with --overwrite")
+        step, beta, alpha = state["step"], state["beta"], state["alpha"]
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
+        rng = torch.load(os.path.join(ck, f"rng_{rank}.pt"), weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if cuda and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
+    else:
+        common.seed_everything(args.seed + rank)  # ranks draw different dropout masks
+    engine = fwd = model
+    if args.deepspeed:
+        with open(args.deepspeed) as fh:
+            ds_cfg = json.load(fh)
+        want = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": A, "train_batch_size": G,
+                "gradient_clipping": args.max_grad_norm or 0.0}
+        for k, v in want.items():
+            if ds_cfg.setdefault(k, "auto") == "auto":
+                ds_cfg[k] = v
+            elif ds_cfg[k] != v:
+                raise AltError(f"{args.deepspeed}: {k}={ds_cfg[k]} disagrees with the flags ({v}); set it to \"auto\"")
+        for k in ("bf16", "fp16"):
+            if ds_cfg.get(k, {}).get("enabled") == "auto":
+                ds_cfg[k]["enabled"] = bf16 and k == "bf16"
+        bf16 = bf16 and not ds_cfg.get("bf16", {}).get("enabled")  # DeepSpeed's own bf16 replaces autocast
+        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                               lr_scheduler=scheduler, config=ds_cfg)
+        fwd = engine
+    elif world > 1:
+        fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None)
+
+    # ---- the loop; rank 0 alone writes the log, checkpoints and the model
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        old = common.read_jsonl(log_path, allow_empty=True, partial_ok=True) if os.path.exists(log_path) else []
+        common.write_jsonl(log_path, [r for r in old if r.get("step", 0) <= step])  # drop steps past the checkpoint
+        log_fh = open(log_path, "a", encoding="utf-8")
+    barrier()
+    nan_at, kill_at = (int(os.environ.get(k, 0)) for k in ("ALT_INJECT_NAN_AT_STEP", "ALT_KILL_AT_STEP"))  # test-only
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
+    plan, plan_for, last, pad, slots, t_start = None, None, {}, 0, 0, time.time()
+    while step < total_steps:
+        t0 = time.time()
+        epoch, b = divmod(step, steps_per_epoch)
+        if plan_for != epoch:
+            plan, plan_for = plan_epoch(examples, G, epoch, args.seed), epoch
+        mine = plan[b][rank * B * A:(rank + 1) * B * A]
+        micro = [[examples[i] for i in mine[j * B:(j + 1) * B]] for j in range(A)]
+        pol = [collate([(e["prefix"], e["response"]) for e in m], tok.pad_token_id) for m in micro]
+        refb = [collate([(e["ref_prefix"], e["response"]) for e in m], tok.pad_token_id) for m in micro] if ref else pol
+        n_resp = all_sum(torch.tensor([float(sum(p["resp_mask"].sum() for p in pol))], dtype=torch.float64))[0].item()
+        sums = torch.zeros(4, dtype=torch.float64)  # nll, kl, entropy, input tokens (this rank)
+        for j, (pb, rb) in enumerate(zip(pol, refb)):
+            pb, rb = ({k: v.to(device) for k, v in x.items()} for x in (pb, rb))
+            with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=bf16):
+                ref_logits = None
+                if ref is not None:
+                    with torch.inference_mode():
+                        ref_logits = response_logits(ref, rb)
+                    ref_logits = ref_logits.clone()  # inference tensors cannot be saved for backward
+                sync = fwd.no_sync() if (world > 1 and not args.deepspeed and j < A - 1) else contextlib.nullcontext()
+                with sync:
+                    nll, kl, entropy = alt_loss(response_logits(fwd, pb), ref_logits, pb["targets"], pb["resp_mask"])
+                    if step + 1 == nan_at:  # test-only fault injection
+                        nll = nll * float("nan")
+                    loss = (nll + beta * kl - alpha * entropy) * (world / n_resp)  # ranks average grads: Σ / N_global
+                    sums += torch.stack([nll.detach(), kl.detach(), entropy.detach(),
+                                         pb["attention_mask"].sum().to(nll.dtype)]).double().cpu()
+                    if j == A - 1:  # all micro-batches seen: check the whole step's loss before the last update call
+                        tot = all_sum(sums.clone())
+                        nll_m, kl_m, ent_m = (tot[:3] / n_resp).tolist()
+                        total = nll_m + beta * kl_m - alpha * ent_m
+                        if not math.isfinite(total):
+                            kept = find_checkpoint(args.out)
+                            raise AltError(f"non-finite loss (total {total}) at step {step + 1}; stopped before the update. "
+                                           + (f"Last good checkpoint kept: {kept}" if kept else "No checkpoint was written yet"))
+                    if args.deepspeed:
+                        engine.backward(loss * A)  # DeepSpeed divides by gradient_accumulation_steps
+                        engine.step()
+                    else:
+                        loss.backward()
+            pad += pb["attention_mask"].numel() - int(pb["attention_mask"].sum())
+            slots += pb["attention_mask"].numel()
+        if args.deepspeed:
+            grad_norm = engine.get_global_grad_norm()
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        step += 1
+        last = dict(step=step, epoch=epoch, nll=nll_m, kl=kl_m, entropy=ent_m, total=total, beta=beta, alpha=alpha,
+                    lr=scheduler.get_last_lr()[0], grad_norm=None if grad_norm is None else float(grad_norm),
+                    tokens=int(tot[3]), tokens_per_s=round(float(tot[3]) / max(time.time() - t0, 1e-9), 1))
+        # adaptive controllers (optional): multiplicative steps toward the targets, clipped like Ziegler et al.'s
+        if args.target_kl:
+            beta *= math.exp(args.controller_rate * max(-0.2, min(0.2, kl_m / args.target_kl - 1)))
+        if args.target_entropy:
+            alpha *= math.exp(args.controller_rate * max(-0.2, min(0.2, 1 - ent_m / args.target_entropy)))
+        if rank == 0:
+            common.append_jsonl(log_fh, last)
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step % args.save_every == 0 and step < total_steps:
+            state = dict(step=step, beta=beta, alpha=alpha, fingerprint=fingerprint, scheduler=scheduler.state_dict())
+            if not args.deepspeed:  # ZeRO's partitioned optimizer state is pickle-only: resume restarts Adam moments
+                state["optimizer"] = optimizer.state_dict()
+            save_checkpoint(args.out, model, tok, state, rank, barrier)
+    bar.close()
+
+    # ---- outputs: the model, then the summary (its presence marks --out finished)
+    if rank == 0:
+        log_fh.close()
+        model.save_pretrained(args.out)
+        tok.save_pretrained(args.out)
+        common.write_json(summary_path, {
+            "method": meta.get("method"), "tags": tags or None, "exemplar": meta.get("exemplar"),
+            "data": args.data, "model": args.model, "ref_model": (args.ref_model or args.model) if ref else None,
+            "counts": counts, "examples": len(examples), "steps": total_steps, "epochs": args.epochs,
+            "global_batch": G, "world_size": world, "deepspeed": args.deepspeed, "final": last,
+            "padding_share": round(pad / max(slots, 1), 4), "train_seconds": round(time.time() - t_start, 1),
+            "args": vars(args)})
+        for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
+            shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
+        print(f"train.py: {total_steps} steps on {len(examples)} rows -> {args.out} (final loss {last.get('total'):.4f})")
+    barrier()
+    if dist:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    common.cli(main)
