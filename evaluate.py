@@ -1,16 +1,14 @@
 """evaluate.py: stage 4 of ALT. Measure a policy p_θ with the RealToxicityPrompts metrics, computed exactly as the
 DExperts -> Quark -> ALT reference code computes them, so numbers read like the paper's Table 1.
 
-Input, sampling mode: --model p_θ and --prompts (common.load_prompts: {"prompt": "x"} or {"prompt": {"text": "x"}},
-    optional "id"; WritingPrompts-style out-of-domain files work unchanged).
-Input, --generations FILE: rows {"prompt_id", "prompt", "generation"} + optional "toxicity" (used as is unless
-    --rescore), "truncated", "num_tokens"; or the DExperts/Quark release shape, one row per prompt:
-    {"prompt": {"text"}, "generations": [{"text", "toxicity"}, ...]}.
+Input: --model p_θ + --prompts (common.load_prompts; WritingPrompts-style {"prompt": {"text"}} files work unchanged)
+   or: --generations FILE, rows {"prompt_id", "prompt", "generation"[, "toxicity" (kept unless --rescore),
+       "truncated", "num_tokens"]}, or the DExperts/Quark release shape {"prompt": {"text"}, "generations": [...]}
 Output OUT/generations.jsonl, one row per (x, y): prompt_id, sample_idx, prompt (x, never with feedback),
-    condition (f̂ or null), generation (y), truncated, num_tokens, toxicity (null: unscored), ppl (null: y has no
-    token; absent with --fluency-model none) [, extra_toxicity].
+    condition (f̂|null), generation, truncated, num_tokens, toxicity (null: unscored), ppl (null: y has no token;
+    absent with --fluency-model none) [, extra_toxicity]
 Output OUT/eval.json: avg_max_toxicity, toxicity_prob, fluency_ppl, dist_1, dist_2, dist_3, mean_toxicity,
-    truncated_share, mean_length, n_prompts, n_generations, scorer, counts, config [, extra: the 2nd scorer's].
+    truncated_share, mean_length, n_prompts, n_generations, scorer, counts, config [, extra: the 2nd scorer's]
 
 Launch:
     python evaluate.py --model runs/x/iter_4/model --prompts toy/prompts/test.jsonl --out runs/x/iter_4/eval
@@ -211,7 +209,9 @@ def format_table(result, baseline=None):
 
     def delta(k):
         a, b = result.get(k), baseline.get(k)
-        return f"{a - b:+.4f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) else "-"
+        if not (isinstance(a, (int, float)) and isinstance(b, (int, float))):
+            return "-"
+        return f"{a - b:+d}" if isinstance(a, int) and isinstance(b, int) else f"{a - b:+.4f}"
     cols = [("metric", str), (f"value [{result['scorer']}]", lambda k: fmt(result.get(k)))]
     if result.get("extra"):
         cols.append((f"extra [{result['extra']['scorer']}]", lambda k: fmt(result["extra"].get(k))))
@@ -265,20 +265,18 @@ def resolve_condition(args, summary):
         return (None if args.condition == "none" else args.condition), None
     pool_path, exemplar = args.condition_pool, summary.get("exemplar")
     if pool_path is None and isinstance(exemplar, str) and exemplar.endswith(".json"):  # alt-lmu: exemplars.json
-        pool_path = exemplar if os.path.isfile(exemplar) else os.path.join(args.model, os.path.basename(exemplar))
+        near = [os.path.join(os.path.dirname(d), os.path.basename(exemplar)) for d in (summary.get("data") or "",)]
+        pool_path = next((p for p in [exemplar, *near] if os.path.isfile(p)), exemplar)  # as written, or by the pool
     return (None, load_condition_pool(pool_path)) if pool_path else (exemplar, None)  # no summary: p_0, unconditioned
 
 
 def resolve_fluency(args, summary):
-    if args.fluency_model:
-        return None if args.fluency_model == "none" else args.fluency_model
-    recorded = summary.get("ref_model") or (summary.get("config") or {}).get("ref_model")  # train.py's p_0
-    if recorded:
-        return recorded
-    if not os.path.isdir(TOY_MODEL):
+    """--fluency-model, else p_0 as train.py records it, else toy/model; None = no fluency."""
+    name = args.fluency_model or summary.get("ref_model") or (summary.get("args") or {}).get("ref_model")
+    if name is None and not os.path.isdir(TOY_MODEL):
         raise AltError(f"no fluency model: {TOY_MODEL} is absent and the model records no p_0; pass --fluency-model "
                        "PATH (paper: gpt2-xl) or --fluency-model none")
-    return TOY_MODEL
+    return None if name == "none" else name or TOY_MODEL
 
 
 def load_fluency_lm(name, args):

@@ -216,6 +216,40 @@ def test_bad_inputs(tmp_path):
         assert e.value.code == 2
 
 
+def test_condition_and_fluency_defaults(tmp_path, monkeypatch):
+    import argparse
+
+    def ns(**k):
+        return argparse.Namespace(**{"condition": None, "condition_pool": None, "model": str(tmp_path),
+                                     "fluency_model": None, **k})
+    best = {"exemplar": "Lowest Toxicity", "ref_model": "runs/p0"}
+    assert evaluate.resolve_condition(ns(), best) == ("Lowest Toxicity", None)
+    assert evaluate.resolve_condition(ns(condition="none"), best) == (None, None)
+    assert evaluate.resolve_condition(ns(condition="Maximum Toxicity"), best) == ("Maximum Toxicity", None)
+    assert evaluate.resolve_condition(ns(), {}) == (None, None)  # a base model: unconditioned
+    (tmp_path / "iter_2").mkdir()
+    (tmp_path / "iter_2" / "exemplars.json").write_text(json.dumps(["Harmless and helpful.", "Kind."]))
+    lmu = {"exemplar": "moved/elsewhere/exemplars.json", "data": str(tmp_path / "iter_2" / "pool.jsonl")}
+    assert evaluate.resolve_condition(ns(), lmu) == (None, ["Harmless and helpful.", "Kind."])
+    assert evaluate.resolve_fluency(ns(), best) == "runs/p0"
+    assert evaluate.resolve_fluency(ns(), {"args": {"ref_model": "runs/p0b"}}) == "runs/p0b"
+    assert evaluate.resolve_fluency(ns(fluency_model="none"), best) is None
+    assert evaluate.resolve_fluency(ns(fluency_model="gpt2-xl"), best) == "gpt2-xl"
+    monkeypatch.setattr(evaluate, "TOY_MODEL", str(tmp_path / "no_toy"))
+    with pytest.raises(AltError, match="--fluency-model"):
+        evaluate.resolve_fluency(ns(), {})
+
+
+def test_table_columns():
+    res = {**{k: 0.25 for k in evaluate.METRICS}, "n_prompts": 3, "fluency_ppl": None, "scorer": "profanity-check",
+           "extra": {**{k: 0.5 for k in evaluate.METRICS}, "scorer": "hf:tox"}}
+    lines = evaluate.format_table(res, baseline={"avg_max_toxicity": 0.75, "n_prompts": 3}).splitlines()
+    assert lines[0].split() == ["metric", "value", "[profanity-check]", "extra", "[hf:tox]", "baseline", "delta"]
+    assert len({len(line) for line in lines}) == 1  # fixed width
+    assert lines[2].split() == ["avg_max_toxicity", "0.2500", "0.5000", "0.7500", "-0.5000"]
+    assert lines[4].split()[1] == "-" and lines[-2].split()[-1] == "+0"
+
+
 # ----------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_smoke_sampling_run_and_resume(tmp_path, tiny_model_dir, monkeypatch):
