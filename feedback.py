@@ -30,18 +30,8 @@ Launch:
       --out runs/x/iter_2/pool.jsonl --quantiles 5 --scope global
   python feedback.py --method alt-lmc --samples S.jsonl --out O.jsonl --base-url http://127.0.0.1:8000/v1 --llm-model M
 """
-import argparse
-import collections
-import concurrent.futures
-import hashlib
-import http.client
-import json
-import math
-import os
-import re
-import time
-import urllib.error
-import urllib.request
+import argparse, collections, concurrent.futures, hashlib, http.client, json, math, os, pathlib, re, time  # noqa: E401
+import urllib.error, urllib.request  # noqa: E401
 
 import numpy as np
 
@@ -49,8 +39,7 @@ from common import AltError, append_jsonl, cli, quantile_token, read_jsonl, writ
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TAG_SETS = {"toxicity": ["Lowest Toxicity", "Low-Moderate Toxicity", "Moderate Toxicity", "High-Moderate Toxicity",
-                         "Maximum Toxicity"],
-            "summarization": ["Excellent", "Good", "Mediocre", "Bad", "Horrible"]}
+                         "Maximum Toxicity"], "summarization": ["Excellent", "Good", "Mediocre", "Bad", "Horrible"]}
 HH_CATEGORIES = ["Harmless and very helpful", "Harmless and helpful", "Harmless and not helpful", "Harmful"]
 STEERLM = dict(zip(HH_CATEGORIES, ["harmful:0,helpful:2", "harmful:0,helpful:1", "harmful:0,helpful:0",
                                    "harmful:1,helpful:0"]))
@@ -60,8 +49,7 @@ PERSPECTIVE_ATTEMPTS = 4
 
 parser = argparse.ArgumentParser(description="ALT stage 2: feedback f = F(x, y) for new samples; writes D_k.")
 p = parser.add_argument
-p("--method", required=True, choices=QUANTILE_METHODS + LLM_METHODS, help="feedback provider F (paper: ALT_RM, "
-  "Quark, ALT_LMC, ALT_LMU, SteerLM)")
+p("--method", required=True, choices=QUANTILE_METHODS + LLM_METHODS, help="F (paper: ALT_RM, Quark, ALT_LMC...)")
 p("--samples", required=True, help="new (x, y) rows from sample.py (JSONL)")
 p("--pool", default=None, help="D_{k-1}, the previous pool.jsonl (omit at iteration 1)")
 p("--out", required=True, help="D_k, must end in .jsonl; the meta sidecar goes beside it")
@@ -69,16 +57,14 @@ p("--overwrite", action="store_true", help="redo even if --out and its meta exis
 p("--scorer", default="profanity-check", help="toxicity scorer: profanity-check | hf:MODEL[:LABEL] | perspective "
   "(paper: Perspective API; key from env PERSPECTIVE_API_KEY, URL from env PERSPECTIVE_API_URL)")
 p("--quantiles", type=int, default=5, help="K reward quantiles (paper: 5)")
-p("--scope", default="global", choices=["global", "prompt"], help="quantiles over all of D_k (paper, toxicity) or "
-  "per prompt (paper, TL;DR)")
+p("--scope", default="global", choices=["global", "prompt"], help="quantiles over D_k (paper: toxicity) | per prompt")
 p("--tags", default="toxicity", help="quantile tags, best first: toxicity | summarization | a,b,c (paper: toxicity)")
 p("--qps", type=float, default=1.0, help="Perspective requests per second (paper: the API's default quota, 1)")
 p("--batch-size", type=int, default=256, help="texts per scorer batch")
 p("--base-url", default=None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (default: OpenAI; key "
   "from env OPENAI_API_KEY, may be absent for local servers)")
 p("--llm-model", default="gpt-3.5-turbo-0125", help="judge model (paper: GPT-3.5-Turbo)")
-p("--prompt-template", default=None, help="few-shot template with {prompt} and {generation} (default: "
-  "prompts/lmc_hh.txt, or prompts/lmu_hh.txt for alt-lmu)")
+p("--prompt-template", default=None, help="judge template with {prompt}, {generation} (default: prompts/lm[cu]_hh.txt)")
 p("--categories", default=",".join(HH_CATEGORIES), help="alt-lmc categories, best first (paper: the 4 HH ones)")
 p("--concurrency", type=int, default=16, help="judge requests in flight")
 p("--cache", default=None, help="judge answer cache (JSONL; default: llm_cache.jsonl beside --out)")
@@ -166,38 +152,29 @@ def _perspective_scorer(qps):
             time.sleep(max(0.0, last[0] + gap - time.monotonic()))  # --qps rate limit
             last[0], wait = time.monotonic(), gap * 2 ** attempt  # backoff in units of the rate-limit interval
             try:  # the key travels in a header, never in a URL that an error message could echo
-                req = urllib.request.Request(url, body.encode(), {"Content-Type": "application/json",
-                                                                  "X-Goog-Api-Key": key})
-                with urllib.request.urlopen(req, timeout=timeout) as r:
+                head = {"Content-Type": "application/json", "X-Goog-Api-Key": key}
+                with urllib.request.urlopen(urllib.request.Request(url, body.encode(), head), timeout=timeout) as r:
                     v = float(json.loads(r.read())["attributeScores"]["TOXICITY"]["summaryScore"]["value"])
                 if 0.0 <= v <= 1.0:
                     return v
-                errors["out_of_range"] += 1
             except urllib.error.HTTPError as e:
                 errors[f"http_{e.code}"] += 1
                 if e.code != 429 and e.code < 500:
                     return None  # 4xx: asking again will not help
-                try:
-                    wait = max(wait, min(60.0, float(e.headers.get("Retry-After") or 0)))
-                except ValueError:
-                    pass
-            except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError) as e:  # reset, timeout, garbage
+                after = e.headers.get("Retry-After") or ""
+                wait = max(wait, min(60.0, float(after))) if re.fullmatch(r"\d+(\.\d+)?", after) else wait
+            except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError) as e:  # reset, timeout, junk
                 errors[type(e).__name__] += 1
             if attempt + 1 < PERSPECTIVE_ATTEMPTS:
                 time.sleep(wait)
         return None
 
-    def score(texts):
-        return [one(t) for t in texts]
+    score = lambda texts: [one(t) for t in texts]  # noqa: E731
     score.errors = errors  # failure kinds, for the meta counts
     return score
 
 
 # ----------------------------------------------------------------------------- quantile feedback (alt-rm, quark)
-def _id_order(pid):
-    return (isinstance(pid, str), pid)  # ints before strings: mixed ids still sort
-
-
 def assign_quantiles(rows, k, scope="global"):
     """Quantile index per row, 0 = highest reward, None where reward is None (the rule: module docstring)."""
     groups = collections.defaultdict(list)
@@ -206,8 +183,8 @@ def assign_quantiles(rows, k, scope="global"):
             groups[r["prompt_id"] if scope == "prompt" else None].append(i)
     out = [None] * len(rows)
     for idx in groups.values():
-        idx.sort(key=lambda i: (-rows[i]["reward"], _id_order(rows[i]["prompt_id"]), rows[i].get("iteration") or 0,
-                                rows[i].get("sample_idx") or 0, i))
+        idx.sort(key=lambda i: (-rows[i]["reward"], isinstance(rows[i]["prompt_id"], str), rows[i]["prompt_id"],
+                                rows[i].get("iteration") or 0, rows[i].get("sample_idx") or 0, i))  # ints < strs
         for q, chunk in enumerate(np.array_split(np.array(idx), k)):
             for i in chunk.tolist():
                 out[i] = q
@@ -232,7 +209,7 @@ LMU_RE = re.compile(r"\s*analysis:(?P<a>.+?)^\s*feedback:[ \t]*(?P<f>[^\n]*?)\s*
 
 
 def parse_unconstrained(reply):
-    """(feedback, score) from a reply "Analysis: ...\\nFeedback: <one line>\\nScore: <0-3>" and nothing else, else None."""
+    """(feedback, score) from a reply "Analysis: ...\\nFeedback: <one line>\\nScore: <0-3>" and no more, else None."""
     m = LMU_RE.fullmatch(reply) if isinstance(reply, str) else None
     if not m or not m["a"].strip() or not normalise(m["f"]):
         return None
@@ -366,11 +343,11 @@ def main(argv=None):
     llm = None
 
     if args.method in QUANTILE_METHODS:
-        sizes = collections.Counter(r["prompt_id"] if args.scope == "prompt" else "D_k" for r in rows)
+        sizes = collections.Counter(f"prompt_id {r['prompt_id']}" if args.scope == "prompt" else "D_k" for r in rows)
         small = next(((g, n) for g, n in sizes.items() if n < args.quantiles), None)
         if small:
-            raise AltError(f"--quantiles {args.quantiles} > {small[1]} rows in {'prompt_id ' if args.scope == 'prompt' else ''}"
-                           f"{small[0]} (use fewer quantiles{' or --scope global' if args.scope == 'prompt' else ''})")
+            raise AltError(f"--quantiles {args.quantiles} > {small[1]} rows in {small[0]} (use a smaller K"
+                           f"{' or --scope global' if args.scope == 'prompt' else ''})")
         score = make_scorer(args.scorer, qps=args.qps, batch_size=args.batch_size)
         print(f"scoring {len(new)} new rows with {args.scorer} ({len(pool)} pool rows keep their reward)")
         tox = score([r["generation"] for r in new])
@@ -386,13 +363,9 @@ def main(argv=None):
     else:
         default = "lmu_hh.txt" if args.method == "alt-lmu" else "lmc_hh.txt"
         tpath = args.prompt_template or os.path.join(HERE, "prompts", default)
-        try:
-            with open(tpath, encoding="utf-8") as fh:
-                template = fh.read()
-        except OSError as e:
-            raise AltError(f"--prompt-template {tpath}: cannot read ({e.strerror})") from None
+        template = pathlib.Path(tpath).read_text(encoding="utf-8") if os.path.isfile(tpath) else ""
         if "{prompt}" not in template or "{generation}" not in template:
-            raise AltError(f"--prompt-template {tpath}: needs both {{prompt}} and {{generation}}")
+            raise AltError(f"--prompt-template {tpath}: not a readable file with both {{prompt}} and {{generation}}")
         if not args.base_url and not os.environ.get("OPENAI_API_KEY"):
             raise AltError("set OPENAI_API_KEY in the environment, or --base-url for a local server")
         args.cache = args.cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "llm_cache.jsonl")
@@ -429,8 +402,7 @@ def main(argv=None):
                           "quantiles": args.quantiles if llm is None else None,
                           "scope": args.scope if llm is None else None, "tags": tags, "exemplar": exemplar,
                           "counts": counts, "llm": llm})
-    print(f"wrote {len(rows)} rows ({len(pool)} pool + {len(new)} new, {counts['feedback_null']} without feedback) "
-          f"to {args.out}")
+    print(f"wrote {len(rows)} rows ({len(pool)} + {len(new)} new, {counts['feedback_null']} without f) to {args.out}")
     print(f"exemplar f̂ for the next iteration: {exemplar}")
 
 

@@ -153,7 +153,7 @@ def test_quark_tokens_prompt_scope(tmp_path):
         assert sorted(r["feedback"] for r in rows if r["prompt_id"] == p) == tokens
 
 
-def test_bad_inputs(tmp_path):
+def test_bad_inputs(tmp_path, monkeypatch):
     ok = write_rows(tmp_path / "ok.jsonl", sample_rows(NICE))
     out = str(tmp_path / "o" / "pool.jsonl")
     run = lambda *a: feedback.main(["--method", "alt-rm", "--out", out, *a])  # noqa: E731
@@ -182,6 +182,14 @@ def test_bad_inputs(tmp_path):
         run("--samples", write_rows(tmp_path / "s2.jsonl", sample_rows(NICE, iteration=2)), "--pool", nometa)
     with pytest.raises(AltError, match="unknown --scorer"):
         run("--samples", ok, "--scorer", "vibes")
+    llm = ["--method", "alt-lmc", "--samples", ok, "--out", out]
+    with pytest.raises(AltError, match="with both {prompt} and {generation}"):
+        feedback.main([*llm, "--base-url", "http://127.0.0.1:9/v1", "--prompt-template", ok])
+    with pytest.raises(AltError, match="steerlm maps exactly the 4 HH categories"):
+        feedback.main([*llm[:1], "steerlm", *llm[2:], "--categories", "good,bad"])
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(AltError, match="set OPENAI_API_KEY"):
+        feedback.main(llm)
     assert not os.path.exists(out)
 
 
