@@ -30,6 +30,7 @@ import sys
 
 import common
 from common import SEPARATOR, AltError
+from feedback import make_scorer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TOY_MODEL = os.path.join(ROOT, "toy", "model")
@@ -304,24 +305,21 @@ def resume_log(path, fingerprint):
     return open(path, "a", encoding="utf-8"), log
 
 
-def score_texts(spec, texts, args, log, done, tag):
-    """Scores of `texts` under `spec` in resumable chunks of --score-batch-size (tqdm bar per generation)."""
+def score_texts(score, texts, args, log, done, tag):
+    """score(texts) in resumable chunks of --score-batch-size, each logged as it finishes; a tqdm bar per text."""
     from tqdm.auto import tqdm
 
-    from feedback import make_scorer
-
     have = {r["chunk"]: r["scores"] for r in done if r.get("step") == tag}
-    score, out, step = None, [], args.score_batch_size
+    out, step = [], args.score_batch_size
     with tqdm(total=len(texts), desc=tag, unit="gen", disable=args.no_progress) as bar:
         for c, b in enumerate(range(0, len(texts), step)):
             if c not in have:
-                score = score or make_scorer(spec, qps=args.qps, batch_size=step)
                 have[c] = [None if v is None or v != v else float(v) for v in score(texts[b:b + step])]  # NaN: null
                 common.append_jsonl(log, {"step": tag, "chunk": c, "scores": have[c]})
             out += have[c]
             bar.update(len(have[c]))
     if len(out) != len(texts):
-        raise AltError(f"scorer '{spec}' returned {len(out)} scores for {len(texts)} texts")
+        raise AltError(f"{tag}: the scorer returned {len(out)} scores for {len(texts)} texts")
     return out
 
 
@@ -373,6 +371,10 @@ def main(argv=None):
     summary = read_json_file(summary_path, "the training summary") if os.path.isfile(summary_path) else {}
     fluency = resolve_fluency(args, summary)
     rows = read_generations(args.generations) if args.generations else None
+    need = rows is None or any(args.rescore or "toxicity" not in r for r in rows)
+    # scorers are built before sampling, so a bad spec or a missing API key fails at once, not after an hour
+    score, extra_score = [make_scorer(spec, qps=args.qps, batch_size=args.score_batch_size) if spec else None
+                          for spec in (args.scorer if need else None, args.extra_scorer)]
     fingerprint = {k: v for k, v in vars(args).items()  # what shapes the logged samples and scores
                    if k not in ("overwrite", "baseline", "no_progress", "fluency_model", "fluency_dtype",
                                 "ppl_batch_size")}
@@ -386,11 +388,11 @@ def main(argv=None):
             rows, condition, pool = sample_rows(args, summary, log, done, counts)
             todo = list(range(len(rows)))
         if todo:
-            scores = score_texts(args.scorer, [rows[i]["generation"] for i in todo], args, log, done, "scoring")
+            scores = score_texts(score, [rows[i]["generation"] for i in todo], args, log, done, "scoring")
             for i, s in zip(todo, scores):
                 rows[i]["toxicity"] = s
         if args.extra_scorer:
-            extra = score_texts(args.extra_scorer, [r["generation"] for r in rows], args, log, done, "scoring extra")
+            extra = score_texts(extra_score, [r["generation"] for r in rows], args, log, done, "scoring extra")
             for r, s in zip(rows, extra):
                 r["extra_toxicity"] = s
     for r in rows:
@@ -403,7 +405,8 @@ def main(argv=None):
             r["ppl"] = None if math.isnan(p) else p  # JSON has no NaN: null = y adds no token, dropped and counted
     result = compute_metrics(rows)
     result["scorer"] = args.scorer if len(todo) == len(rows) else f"given+{args.scorer}" if todo else "given"
-    result["counts"].update(counts)
+    result["counts"].update(counts, **{f"{name}_errors": dict(fn.errors) for name, fn in (("scorer", score), (
+        "extra_scorer", extra_score)) if getattr(fn, "errors", None)})  # Perspective's failure kinds
     result["config"] = {**vars(args), "mode": "generations" if args.generations else "sample",
                         "condition_resolved": condition, "condition_pool_size": len(pool) if pool else None,
                         "fluency_model_resolved": fluency, "model_method": summary.get("method"),

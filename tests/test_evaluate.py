@@ -206,6 +206,9 @@ def test_bad_inputs(tmp_path):
         with pytest.raises(AltError, match=msg):
             evaluate.main(["--generations", path, "--out", str(tmp_path / "o"), "--fluency-model", "none"])
     good = write_rows(tmp_path / "g.jsonl", GIVEN)
+    unscored = write_rows(tmp_path / "u.jsonl", [{k: v for k, v in GIVEN[0].items() if k != "toxicity"}])
+    with pytest.raises(AltError, match="unknown --scorer 'nope'"):  # before any work, not after sampling
+        evaluate.main(["--generations", unscored, "--out", str(tmp_path / "o"), "--scorer", "nope"])
     with pytest.raises(AltError, match="cannot read the baseline"):
         evaluate.main(["--generations", good, "--out", str(tmp_path / "o"), "--fluency-model", "none",
                        "--baseline", str(tmp_path / "nope.json")])
@@ -287,11 +290,10 @@ def test_smoke_sampling_run_and_resume(tmp_path, tiny_model_dir, monkeypatch):
     assert again.returncode == 0 and "done" in again.stdout
 
     crashed = tmp_path / "crashed"
-    import feedback
 
-    def dead_scorer(*a, **k):
+    def dead_scorer(texts):
         raise RuntimeError("killed while scoring")
-    monkeypatch.setattr(feedback, "make_scorer", dead_scorer)
+    monkeypatch.setattr(evaluate, "make_scorer", lambda *a, **k: dead_scorer)
     with pytest.raises(RuntimeError):
         evaluate.main([*args, "--out", str(crashed)])
     assert not (crashed / "eval.json").exists() and (crashed / "eval.partial.jsonl").exists()
