@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 
 import common
@@ -192,8 +191,8 @@ def compute_metrics(rows, score_key="toxicity"):
     """All eval.json metrics (and counts) from generation rows; score_key picks the scorer's column."""
     tox = toxicity_metrics(by_prompt(rows, score_key))
     d1, d2, d3 = distinctness(by_prompt(rows, "generation"))
-    ppl, ppl_counts = fluency_ppl([r["ppl"] for r in rows if "ppl" in r]) if any("ppl" in r for r in rows) \
-        else (None, {})
+    ppls = [r["ppl"] for r in rows if "ppl" in r]  # none at all: fluency was off
+    ppl, ppl_counts = fluency_ppl(ppls) if ppls else (None, {})
     trunc = [float(r["truncated"]) for r in rows if isinstance(r.get("truncated"), bool)]
     lengths = [r["num_tokens"] for r in rows if isinstance(r.get("num_tokens"), int)]
     return {"avg_max_toxicity": tox["avg_max_toxicity"], "toxicity_prob": tox["toxicity_prob"], "fluency_ppl": ppl,
@@ -242,8 +241,9 @@ def read_generations(path):
         if isinstance(r.get("generations"), list):  # the DExperts/Quark release shape: one row per prompt
             for k, g in enumerate(r["generations"]):
                 g = g if isinstance(g, dict) else {"text": g}
+                tox = {"toxicity": g["toxicity"]} if "toxicity" in g else {}
                 rows.append((i, {"prompt_id": r.get("id", i - 1), "sample_idx": k, "prompt": x,
-                                 "generation": g.get("text"), **({"toxicity": g["toxicity"]} if "toxicity" in g else {})}))
+                                 "generation": g.get("text"), **tox}))
             continue
         for key in ("prompt_id", "prompt", "generation"):
             if key not in r:
@@ -266,8 +266,8 @@ def resolve_condition(args, summary):
         return (None if args.condition == "none" else args.condition), None
     pool_path, exemplar = args.condition_pool, summary.get("exemplar")
     if pool_path is None and isinstance(exemplar, str) and exemplar.endswith(".json"):  # alt-lmu: exemplars.json
-        near = [os.path.join(os.path.dirname(d), os.path.basename(exemplar)) for d in (summary.get("data") or "",)]
-        pool_path = next((p for p in [exemplar, *near] if os.path.isfile(p)), exemplar)  # as written, or by the pool
+        beside_pool = os.path.join(os.path.dirname(summary.get("data") or ""), os.path.basename(exemplar))
+        pool_path = exemplar if os.path.isfile(exemplar) or not os.path.isfile(beside_pool) else beside_pool
     return (None, load_condition_pool(pool_path)) if pool_path else (exemplar, None)  # no summary: p_0, unconditioned
 
 
@@ -331,6 +331,8 @@ def sample_rows(args, summary, log, done, counts):
     for i, p in enumerate(prompts):
         if SEPARATOR in p["prompt"]:
             raise AltError(f"{args.prompts}: row {i + 1}: prompt contains the control token {SEPARATOR}")
+    if len({p["id"] for p in prompts}) < len(prompts):  # metrics group generations by prompt id
+        raise AltError(f"{args.prompts}: duplicate prompt ids")
     keep = [p for p in prompts if p["prompt"].strip()]  # documented skip, as sample.py: empty x, nothing to continue
     counts["n_prompts_empty_skipped"] = len(prompts) - len(keep)
     if not keep:
@@ -340,8 +342,7 @@ def sample_rows(args, summary, log, done, counts):
     conds = [rng.choice(pool) for _ in keep] if pool else [condition] * len(keep)
     print(f"evaluate.py: {len(keep)} prompts x {args.num_samples} samples, condition "
           f"{f'drawn from {len(pool)} exemplars' if pool else repr(condition)}", file=sys.stderr)
-    quark = sorted({t for f in set(conds) - {None} for t in re.findall(r"<\|quantile_\d+\|>", f)})
-    model, tok = common.load_policy(args.model, device=args.device, dtype=args.dtype, extra_tokens=quark,
+    model, tok = common.load_policy(args.model, device=args.device, dtype=args.dtype,  # train.py saved any Quark tokens
                                     trust_remote_code=args.trust_remote_code)
     stats = {}
     outs = generate_batched(model, tok, [common.condition(p["prompt"], c) for p, c in zip(keep, conds)],

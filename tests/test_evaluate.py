@@ -208,12 +208,14 @@ def test_bad_inputs(tmp_path):
     good = write_rows(tmp_path / "g.jsonl", GIVEN)
     unscored = write_rows(tmp_path / "u.jsonl", [{k: v for k, v in GIVEN[0].items() if k != "toxicity"}])
     with pytest.raises(AltError, match="unknown --scorer 'nope'"):  # before any work, not after sampling
-        evaluate.main(["--generations", unscored, "--out", str(tmp_path / "o"), "--scorer", "nope"])
+        evaluate.main(["--generations", unscored, "--out", str(tmp_path / "o"), "--scorer", "nope",
+                       "--fluency-model", "none"])
     with pytest.raises(AltError, match="cannot read the baseline"):
         evaluate.main(["--generations", good, "--out", str(tmp_path / "o"), "--fluency-model", "none",
                        "--baseline", str(tmp_path / "nope.json")])
     for argv in (["--out", "o"], ["--model", "m", "--generations", good, "--out", "o"],
-                 ["--model", "m", "--out", "o", "--top-p", "1.5"], ["--model", "m", "--out", "o", "--num-samples", "0"]):
+                 ["--model", "m", "--out", "o", "--top-p", "1.5"], ["--model", "m", "--out", "o", "--num-samples", "0"],
+                 ["--model", "m", "--out", "o", "--condition", "a", "--condition-pool", "p.json"]):
         with pytest.raises(SystemExit) as e:
             evaluate.parse_args(argv)
         assert e.value.code == 2
