@@ -7,12 +7,12 @@ Equation 1 (x the prompt, y the generation, f its textual feedback, p_θ the pol
 Every E is a token-level mean over the response tokens of one optimizer step (all micro-batches, all ranks), as in
 the official toxicity trainer; KL and H are exact sums over the full vocabulary, taken only at response positions.
 
-Input  --data POOL.jsonl: datapool rows (schema in common.py); used: prompt_id, prompt, generation, feedback,
-       truncated. feedback=null rows are skipped and counted. The sidecar POOL.meta.json is read when present.
-Output --out DIR: save_pretrained (safetensors) + tokenizer (with ALT's added tokens);
-       DIR/train_log.jsonl, one row per step: step, epoch, nll, kl, entropy, total, beta, alpha, lr, grad_norm,
-       tokens, tokens_per_s; DIR/train_summary.json: method, tags, exemplar (copied from the pool meta), counts,
-       final losses. While running, DIR/checkpoint/ holds the resume state; a finished DIR makes a rerun print "done".
+Input  --data POOL.jsonl: datapool rows (common.py schema; uses prompt_id, prompt, generation, feedback, truncated);
+       feedback=null rows are skipped and counted. The sidecar POOL.meta.json (method, tags, exemplar) if present.
+Output --out DIR: save_pretrained (safetensors) + tokenizer (with ALT's added tokens); DIR/train_log.jsonl, a row
+       per step {step, epoch, nll, kl, entropy, total, beta, alpha, lr, grad_norm, tokens, tokens_per_s};
+       DIR/train_summary.json (method, tags, exemplar from the meta; counts; final row). DIR/checkpoint/ holds the
+       resume state while running; a finished DIR (its summary exists) makes a rerun print "done".
 Launch:
     python train.py --data runs/x/iter_2/pool.jsonl --model runs/x/iter_1/model --ref-model toy/model \
         --out runs/x/iter_2/model --beta 0.05 --alpha 0.06
@@ -32,16 +32,19 @@ import shutil
 import signal
 import time
 
+import torch
+
 import common
 from common import AltError
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # ---- defaults block: the paper's toxicity setting (ALT, Sec. 4.1 and App. A)
     p.add_argument("--data", required=True, help="datapool D_k (JSONL from feedback.py)")
     p.add_argument("--model", required=True, help="start checkpoint: the previous iteration's θ (iteration 1: p_0)")
-    p.add_argument("--ref-model", help="p_0 for the KL term (paper: the initial model); default --model; loaded only if β>0")
+    p.add_argument("--ref-model", help="p_0 of the KL term (paper: initial model); default --model; read only if β>0")
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--beta", type=float, default=0.05, help="KL coefficient β (paper, toxicity: 0.05)")
     p.add_argument("--alpha", type=float, default=0.06, help="entropy-bonus coefficient α (paper, toxicity: 0.06)")
@@ -51,13 +54,13 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (paper: Adam, 1e-5)")
     p.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon (paper: 1e-8)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (paper: plain Adam, 0)")
-    p.add_argument("--warmup-ratio", type=float, default=0.05, help="share of steps in the linear warmup (paper: linear warmup)")
+    p.add_argument("--warmup-ratio", type=float, default=0.05, help="linear-warmup share of steps (paper: linear)")
     p.add_argument("--max-grad-norm", type=float, help="clip the gradient norm (paper: none)")
-    p.add_argument("--per-category", type=int, help="keep n samples per (prompt, feedback) (the paper's TL;DR/HH balance)")
+    p.add_argument("--per-category", type=int, help="n samples per (prompt, feedback) (paper: TL;DR/HH balance)")
     p.add_argument("--drop-truncated", action="store_true", help="drop y that hit max_new_tokens (paper: kept)")
     p.add_argument("--max-samples", type=int, help="random subset of N rows after filtering (paper: all)")
-    p.add_argument("--target-kl", type=float, help="adapt β so the per-token KL stays near this (paper: fixed β)")
-    p.add_argument("--target-entropy", type=float, help="adapt α so the per-token entropy stays near this (paper: fixed α)")
+    p.add_argument("--target-kl", type=float, help="adapt β to keep the per-token KL near this (paper: fixed)")
+    p.add_argument("--target-entropy", type=float, help="adapt α to keep the token entropy near this (paper: fixed)")
     p.add_argument("--controller-rate", type=float, default=0.1, help="log-step of the adaptive β/α controllers")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="bf16 autocast (auto: on GPU)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
@@ -74,9 +77,9 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not (a.lr > 0 and a.beta >= 0 and math.isfinite(a.alpha) and 0 <= a.warmup_ratio <= 1):
         p.error("need --lr > 0, --beta >= 0, a finite --alpha and 0 <= --warmup-ratio <= 1")
-    if (a.target_kl is not None and not (a.target_kl > 0 and a.beta > 0)) or \
-            (a.target_entropy is not None and not (a.target_entropy > 0 and a.alpha > 0)):
-        p.error("--target-kl needs --beta > 0 and --target-entropy needs --alpha > 0 (both targets > 0)")
+    for target, coef, name in ((a.target_kl, a.beta, "kl"), (a.target_entropy, a.alpha, "entropy")):
+        if target is not None and not (target > 0 and coef > 0):
+            p.error(f"--target-{name} must be > 0 and needs its coefficient (β or α) > 0")
     return a
 
 
@@ -108,13 +111,12 @@ def read_pool(path, tags=None, per_category=None, drop_truncated=False, max_samp
     counts = dict(read=len(rows), null_feedback=0, empty_generation=0, truncated=0, per_category=0, max_samples=0)
     kept = []
     for line, r in zip(lines, rows):
-        for key in ("prompt", "generation"):
-            if not isinstance(r[key], str):
-                raise AltError(f"{path}:{line}: '{key}' must be a string")
+        bad = [k for k in ("prompt", "generation", "feedback") if not isinstance(r[k], str)
+               and not (k == "feedback" and r[k] is None)]
+        if bad:
+            raise AltError(f"{path}:{line}: '{bad[0]}' must be a string" + (" or null" if bad[0] == "feedback" else ""))
         if r["feedback"] is None:
             counts["null_feedback"] += 1
-        elif not isinstance(r["feedback"], str):
-            raise AltError(f"{path}:{line}: 'feedback' must be a string or null")
         elif tags and r["feedback"] not in tags:
             raise AltError(f"{path}:{line}: feedback {r['feedback']!r} is not one of the {len(tags)} tags in "
                            f"{meta_path(path)} (a pool from another method or K?)")
@@ -167,8 +169,6 @@ def encode_rows(rows, tokenizer, max_length, reference=True):
 def collate(pairs, pad_id):
     """[(prefix ids, y ids)] -> prefix left-padded, y right-padded (y starts at column P in every row):
     input_ids/attention_mask/position_ids [B, P+R]; targets (y) and resp_mask (real y tokens) [B, R]."""
-    import torch
-
     P, R = max(len(p) for p, _ in pairs), max(len(y) for _, y in pairs)
     ids = torch.full((len(pairs), P + R), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -204,16 +204,12 @@ def response_logits(model, batch):
 
 def response_logprobs(model, batch):
     """log p(y_t | prefix, y<t) per response token [B, R], 0 at padding (sum over dim 1 = the sequence log-prob)."""
-    import torch
-
     logp = torch.log_softmax(response_logits(model, batch).float(), -1)
     return logp.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1) * batch["resp_mask"]
 
 
 def alt_loss(logits, ref_logits, targets, resp_mask):
     """Equation 1's three sums over a micro-batch's N response tokens -> (nll, kl, entropy), 0-d tensors."""
-    import torch
-
     logp = torch.log_softmax(logits[resp_mask].float(), -1)  # [N, V]: real response positions only
     # -- Equation 1, NLL term: −log p_θ(y_t | f, x, y<t)
     nll = -logp.gather(-1, targets[resp_mask].unsqueeze(-1)).sum()
@@ -230,8 +226,6 @@ def alt_loss(logits, ref_logits, targets, resp_mask):
 # ----------------------------------------------------------------------------- checkpoints (resume)
 def save_checkpoint(out, model, tok, state, rank, barrier):
     """Write DIR/checkpoint.tmp (weights safetensors, state.pt, one rng file per rank), then swap it in."""
-    import torch
-
     ck, tmp = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -239,10 +233,8 @@ def save_checkpoint(out, model, tok, state, rank, barrier):
         tok.save_pretrained(tmp)
         torch.save(state, os.path.join(tmp, "state.pt"))
     barrier()
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, os.path.join(tmp, f"rng_{rank}.pt"))
+    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
+    torch.save({"torch": torch.get_rng_state(), **cuda}, os.path.join(tmp, f"rng_{rank}.pt"))
     barrier()
     if rank == 0:  # rename is atomic; a crash between the two renames leaves checkpoint.old, which resume reads
         if os.path.isdir(ck):
@@ -253,23 +245,40 @@ def save_checkpoint(out, model, tok, state, rank, barrier):
 
 
 def find_checkpoint(out):
-    for ck in (os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.old")):
-        if os.path.isfile(os.path.join(ck, "state.pt")):
-            return ck
-    return None
+    found = [c for c in ("checkpoint", "checkpoint.old") if os.path.isfile(os.path.join(out, c, "state.pt"))]
+    return os.path.join(out, found[0]) if found else None
+
+
+def deepspeed_engine(path, model, optimizer, scheduler, want, bf16):
+    """deepspeed.initialize around our model/AdamW/schedule; "auto" config values come from the flags (`want`)."""
+    import deepspeed
+
+    with open(path) as fh:
+        cfg = json.load(fh)
+    for k, v in want.items():
+        if cfg.setdefault(k, "auto") == "auto":
+            cfg[k] = v
+        elif cfg[k] != v:
+            raise AltError(f"{path}: {k}={cfg[k]} disagrees with the flags ({v}); set it to \"auto\"")
+    for k in ("bf16", "fp16"):
+        if cfg.get(k, {}).get("enabled") == "auto":
+            cfg[k]["enabled"] = bf16 and k == "bf16"
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=cfg)
+    return engine, optimizer, scheduler, bool(cfg.get("bf16", {}).get("enabled"))
 
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
-    summary_path, log_path = os.path.join(args.out, "train_summary.json"), os.path.join(args.out, "train_log.jsonl")
+    summary_path, log_path = (os.path.join(args.out, n) for n in ("train_summary.json", "train_log.jsonl"))
     if os.path.exists(summary_path) and not args.overwrite:
-        print("done")
-        return
+        return print("done")
     if args.overwrite and os.environ.get("RANK", "0") == "0":  # a crashed --overwrite run must not look finished
-        for name in ("train_summary.json", "checkpoint", "checkpoint.old", "checkpoint.tmp"):
-            path = os.path.join(args.out, name)
-            shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
+        for d in ("checkpoint", "checkpoint.old"):
+            shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(summary_path)
     if args.deepspeed:
         try:
             import deepspeed
@@ -278,16 +287,14 @@ def main(argv=None):
                            "requirements-dist.txt)") from None
         if not os.path.isfile(args.deepspeed):
             raise AltError(f"{args.deepspeed}: DeepSpeed config not found")
-    import torch
+        for k, v in dict(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500).items():
+            os.environ.setdefault(k, str(v))  # a plain `python train.py --deepspeed` is a 1-process world
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    # ---- distributed setup: torchrun / deepspeed set RANK, WORLD_SIZE, LOCAL_RANK
-    if args.deepspeed:  # a plain `python train.py --deepspeed` is a 1-process world
-        for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
-            os.environ.setdefault(k, v)
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    cuda = torch.cuda.is_available()
+    # ---- distributed: torchrun / the deepspeed launcher set RANK, WORLD_SIZE, LOCAL_RANK
+    rank, world, local = (int(os.environ.get(k, 0)) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    world, cuda = max(world, 1), torch.cuda.is_available()
     device = f"cuda:{local}" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(local)
@@ -297,38 +304,30 @@ def main(argv=None):
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     dist = torch.distributed.is_initialized()
     barrier = torch.distributed.barrier if dist else (lambda: None)
+    all_sum = (lambda t: torch.distributed.all_reduce(t) or t) if dist else (lambda t: t)  # float64 sums over ranks
 
-    def all_sum(t):  # [k] float64 sums over ranks
-        if dist:
-            torch.distributed.all_reduce(t)
-        return t
-
-    # ---- data
+    # ---- data and models: p_θ starts from --model (or the resume checkpoint); p_0 is loaded only when β > 0
     meta = read_meta(args.data)
     if args.expect_method and meta.get("method") != args.expect_method:
-        raise AltError(f"{meta_path(args.data)}: pool method is {meta.get('method')!r}, expected {args.expect_method!r}")
+        raise AltError(f"{meta_path(args.data)}: pool method {meta.get('method')!r}, expected {args.expect_method!r}")
     tags = meta.get("tags") or []
     rows, counts = read_pool(args.data, tags, args.per_category, args.drop_truncated, args.max_samples, args.seed)
     extra = list(tags) if meta.get("method") == "quark" else []  # Quark's quantile tokens become single tokens
-
-    # ---- models: p_θ trains from --model (or the resume checkpoint); p_0 only when the KL term is on
     ck = None if args.overwrite else find_checkpoint(args.out)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
     model, tok = common.load_policy(ck or args.model, device, "float32", extra, args.trust_remote_code)
-    if meta.get("method") == "quark":
-        have = {t for t in tok.get_vocab() if t.startswith("<|quantile_")}
-        if have != set(tags):
-            raise AltError(f"{args.model} has {len(have)} quantile tokens but {meta_path(args.data)} lists "
-                           f"{len(tags)} tags: a pool from another K")
-    ref = None
+    have = {t for t in tok.get_vocab() if t.startswith("<|quantile_")}
+    if extra and have != set(tags):
+        raise AltError(f"{args.model} has {len(have)} quantile tokens but {meta_path(args.data)} lists {len(tags)} "
+                       "tags: a pool from another K")
+    ref, ref_path = None, args.ref_model or args.model
     if args.beta > 0:
-        ref, ref_tok = common.load_policy(args.ref_model or args.model, device, "bfloat16" if bf16 else "float32",
-                                          extra, args.trust_remote_code)
+        ref, ref_tok = common.load_policy(ref_path, device, "bfloat16" if bf16 else "float32", extra,
+                                          args.trust_remote_code)
         if ref_tok.get_vocab() != tok.get_vocab():
-            raise AltError(f"{args.ref_model or args.model}: p_0's vocabulary differs from {args.model}'s; the KL needs one vocabulary")
+            raise AltError(f"{ref_path}: p_0's vocabulary differs from {args.model}'s (the KL needs one vocabulary)")
         ref.eval().requires_grad_(False)
-    cfg = model.config
-    max_len = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 1024
+    max_len = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
     examples = encode_rows(rows, tok, max_len, reference=ref is not None)
     counts["clipped_to_context"] = sum(e["clipped"] for e in examples)
     B, A = args.batch_size, args.grad_accum
@@ -339,17 +338,18 @@ def main(argv=None):
     steps_per_epoch = len(examples) // G
     total_steps = steps_per_epoch * args.epochs
 
-    # ---- optimisation: AdamW + linear warmup/decay; DDP or DeepSpeed wrap the same model
+    # ---- optimisation: AdamW + linear warmup/decay; resume state; DDP or DeepSpeed around the same model
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()  # dropout on; the official code trained in eval mode by mistake
+    model.train()  # dropout on (the official code trained in eval mode by mistake)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * total_steps), total_steps)
-    fingerprint = dict(data=os.path.abspath(args.data), examples=len(examples), global_batch=G, steps=total_steps,
-                       world=world, lr=args.lr, seed=args.seed)
+    fingerprint = dict(data=os.path.abspath(args.data), examples=len(examples), global_batch=G, world=world,
+                       steps=total_steps, lr=args.lr, seed=args.seed)
     step, beta, alpha = 0, args.beta, args.alpha
+    common.seed_everything(args.seed + rank)  # ranks draw different dropout masks
     if ck:
-        state = torch.load(os.path.join(ck, "state.pt"), weights_only=True)
+        state = torch.load(os.path.join(ck, "state.pt"), weights_only=True)  # never unpickle objects from a run dir
         if state["fingerprint"] != fingerprint:
             raise AltError(f"{ck}: made with other settings ({state['fingerprint']}); rerun with --overwrite")
         step, beta, alpha = state["step"], state["beta"], state["alpha"]
@@ -362,85 +362,69 @@ def main(argv=None):
         torch.set_rng_state(rng["torch"])
         if cuda and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"])
-    else:
-        common.seed_everything(args.seed + rank)  # ranks draw different dropout masks
-    engine = fwd = model
+    fwd = model
     if args.deepspeed:
-        with open(args.deepspeed) as fh:
-            ds_cfg = json.load(fh)
-        want = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": A, "train_batch_size": G,
-                "gradient_clipping": args.max_grad_norm or 0.0}
-        for k, v in want.items():
-            if ds_cfg.setdefault(k, "auto") == "auto":
-                ds_cfg[k] = v
-            elif ds_cfg[k] != v:
-                raise AltError(f"{args.deepspeed}: {k}={ds_cfg[k]} disagrees with the flags ({v}); set it to \"auto\"")
-        for k in ("bf16", "fp16"):
-            if ds_cfg.get(k, {}).get("enabled") == "auto":
-                ds_cfg[k]["enabled"] = bf16 and k == "bf16"
-        bf16 = bf16 and not ds_cfg.get("bf16", {}).get("enabled")  # DeepSpeed's own bf16 replaces autocast
-        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                               lr_scheduler=scheduler, config=ds_cfg)
-        fwd = engine
+        want = dict(train_micro_batch_size_per_gpu=B, gradient_accumulation_steps=A, train_batch_size=G,
+                    gradient_clipping=args.max_grad_norm or 0.0)
+        fwd, optimizer, scheduler, ds_bf16 = deepspeed_engine(args.deepspeed, model, optimizer, scheduler, want, bf16)
+        bf16 = bf16 and not ds_bf16  # DeepSpeed's own bf16 weights replace autocast
     elif world > 1:
         fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None)
 
-    # ---- the loop; rank 0 alone writes the log, checkpoints and the model
+    # ---- the loop; rank 0 alone writes the log, the checkpoints and the model
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
         old = common.read_jsonl(log_path, allow_empty=True, partial_ok=True) if os.path.exists(log_path) else []
         common.write_jsonl(log_path, [r for r in old if r.get("step", 0) <= step])  # drop steps past the checkpoint
         log_fh = open(log_path, "a", encoding="utf-8")
     barrier()
     nan_at, kill_at = (int(os.environ.get(k, 0)) for k in ("ALT_INJECT_NAN_AT_STEP", "ALT_KILL_AT_STEP"))  # test-only
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
-    plan, plan_for, last, pad, slots, t_start = None, None, {}, 0, 0, time.time()
+    plan, last, pad, slots, t_start = {}, {}, 0, 0, time.time()
     while step < total_steps:
         t0 = time.time()
         epoch, b = divmod(step, steps_per_epoch)
-        if plan_for != epoch:
-            plan, plan_for = plan_epoch(examples, G, epoch, args.seed), epoch
-        mine = plan[b][rank * B * A:(rank + 1) * B * A]
-        micro = [[examples[i] for i in mine[j * B:(j + 1) * B]] for j in range(A)]
+        plan = plan if epoch in plan else {epoch: plan_epoch(examples, G, epoch, args.seed)}
+        mine = [examples[i] for i in plan[epoch][b][rank * B * A:(rank + 1) * B * A]]  # this rank's shard
+        micro = [mine[j * B:(j + 1) * B] for j in range(A)]
         pol = [collate([(e["prefix"], e["response"]) for e in m], tok.pad_token_id) for m in micro]
         refb = [collate([(e["ref_prefix"], e["response"]) for e in m], tok.pad_token_id) for m in micro] if ref else pol
-        n_resp = all_sum(torch.tensor([float(sum(p["resp_mask"].sum() for p in pol))], dtype=torch.float64))[0].item()
-        sums = torch.zeros(4, dtype=torch.float64)  # nll, kl, entropy, input tokens (this rank)
+        n_resp = all_sum(torch.tensor([sum(p["resp_mask"].sum().item() for p in pol)], dtype=torch.float64)).item()
+        sums = torch.zeros(4, dtype=torch.float64)  # Σ nll, Σ kl, Σ entropy, input tokens
         for j, (pb, rb) in enumerate(zip(pol, refb)):
             pb, rb = ({k: v.to(device) for k, v in x.items()} for x in (pb, rb))
-            with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=bf16):
+            no_sync = world > 1 and not args.deepspeed and j < A - 1  # DDP: all-reduce grads on the last micro only
+            with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=bf16), \
+                    fwd.no_sync() if no_sync else contextlib.nullcontext():
                 ref_logits = None
                 if ref is not None:
                     with torch.inference_mode():
                         ref_logits = response_logits(ref, rb)
                     ref_logits = ref_logits.clone()  # inference tensors cannot be saved for backward
-                sync = fwd.no_sync() if (world > 1 and not args.deepspeed and j < A - 1) else contextlib.nullcontext()
-                with sync:
-                    nll, kl, entropy = alt_loss(response_logits(fwd, pb), ref_logits, pb["targets"], pb["resp_mask"])
-                    if step + 1 == nan_at:  # test-only fault injection
-                        nll = nll * float("nan")
-                    loss = (nll + beta * kl - alpha * entropy) * (world / n_resp)  # ranks average grads: Σ / N_global
-                    sums += torch.stack([nll.detach(), kl.detach(), entropy.detach(),
-                                         pb["attention_mask"].sum().to(nll.dtype)]).double().cpu()
-                    if j == A - 1:  # all micro-batches seen: check the whole step's loss before the last update call
-                        tot = all_sum(sums.clone())
-                        nll_m, kl_m, ent_m = (tot[:3] / n_resp).tolist()
-                        total = nll_m + beta * kl_m - alpha * ent_m
-                        if not math.isfinite(total):
-                            kept = find_checkpoint(args.out)
-                            raise AltError(f"non-finite loss (total {total}) at step {step + 1}; stopped before the update. "
-                                           + (f"Last good checkpoint kept: {kept}" if kept else "No checkpoint was written yet"))
-                    if args.deepspeed:
-                        engine.backward(loss * A)  # DeepSpeed divides by gradient_accumulation_steps
-                        engine.step()
-                    else:
-                        loss.backward()
-            pad += pb["attention_mask"].numel() - int(pb["attention_mask"].sum())
-            slots += pb["attention_mask"].numel()
+                nll, kl, entropy = alt_loss(response_logits(fwd, pb), ref_logits, pb["targets"], pb["resp_mask"])
+                if step + 1 == nan_at:
+                    nll = nll * float("nan")
+                loss = (nll + beta * kl - alpha * entropy) * (world / n_resp)  # ranks average grads: Σ / N_global
+                sums[:3] += torch.stack([nll.detach(), kl.detach(), entropy.detach()]).double().cpu()
+                sums[3] += pb["attention_mask"].sum().item()
+                if j == A - 1:  # the whole step's loss is known: stop on NaN/Inf before the update
+                    tot = all_sum(sums.clone())
+                    nll_m, kl_m, ent_m = (tot[:3] / n_resp).tolist()
+                    total = nll_m + beta * kl_m - alpha * ent_m
+                    if not math.isfinite(total):
+                        kept = find_checkpoint(args.out)
+                        raise AltError(f"non-finite loss ({total}) at step {step + 1}; stopped before the update; "
+                                       + (f"last good checkpoint kept: {kept}" if kept else "no checkpoint yet"))
+                if args.deepspeed:
+                    fwd.backward(loss * A)  # DeepSpeed divides by gradient_accumulation_steps
+                    fwd.step()  # updates only at the accumulation boundary
+                else:
+                    loss.backward()
+            pad, slots = pad + int((pb["attention_mask"] == 0).sum()), slots + pb["attention_mask"].numel()
         if args.deepspeed:
-            grad_norm = engine.get_global_grad_norm()
+            grad_norm = fwd.get_global_grad_norm()
         else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm else None
+            clip = args.max_grad_norm
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip) if clip else None
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -448,7 +432,7 @@ def main(argv=None):
         last = dict(step=step, epoch=epoch, nll=nll_m, kl=kl_m, entropy=ent_m, total=total, beta=beta, alpha=alpha,
                     lr=scheduler.get_last_lr()[0], grad_norm=None if grad_norm is None else float(grad_norm),
                     tokens=int(tot[3]), tokens_per_s=round(float(tot[3]) / max(time.time() - t0, 1e-9), 1))
-        # adaptive controllers (optional): multiplicative steps toward the targets, clipped like Ziegler et al.'s
+        # optional adaptive controllers: clipped multiplicative steps toward the targets (Ziegler et al.'s KL rule)
         if args.target_kl:
             beta *= math.exp(args.controller_rate * max(-0.2, min(0.2, kl_m / args.target_kl - 1)))
         if args.target_entropy:
@@ -457,11 +441,11 @@ def main(argv=None):
             common.append_jsonl(log_fh, last)
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
-        if step == kill_at:
+        if step == kill_at:  # test-only: a real SIGKILL after the step is logged, before its checkpoint
             os.kill(os.getpid(), signal.SIGKILL)
         if step % args.save_every == 0 and step < total_steps:
             state = dict(step=step, beta=beta, alpha=alpha, fingerprint=fingerprint, scheduler=scheduler.state_dict())
-            if not args.deepspeed:  # ZeRO's partitioned optimizer state is pickle-only: resume restarts Adam moments
+            if not args.deepspeed:  # ZeRO's partitioned optimizer state is pickle-only: a resume restarts Adam moments
                 state["optimizer"] = optimizer.state_dict()
             save_checkpoint(args.out, model, tok, state, rank, barrier)
     bar.close()
@@ -471,16 +455,15 @@ def main(argv=None):
         log_fh.close()
         model.save_pretrained(args.out)
         tok.save_pretrained(args.out)
-        common.write_json(summary_path, {
-            "method": meta.get("method"), "tags": tags or None, "exemplar": meta.get("exemplar"),
-            "data": args.data, "model": args.model, "ref_model": (args.ref_model or args.model) if ref else None,
-            "counts": counts, "examples": len(examples), "steps": total_steps, "epochs": args.epochs,
-            "global_batch": G, "world_size": world, "deepspeed": args.deepspeed, "final": last,
-            "padding_share": round(pad / max(slots, 1), 4), "train_seconds": round(time.time() - t_start, 1),
-            "args": vars(args)})
+        common.write_json(summary_path, dict(
+            method=meta.get("method"), tags=tags or None, exemplar=meta.get("exemplar"), data=args.data,
+            model=args.model, ref_model=ref_path if ref else None, counts=counts, examples=len(examples),
+            steps=total_steps, epochs=args.epochs, global_batch=G, world_size=world, deepspeed=args.deepspeed,
+            final=last, padding_share=round(pad / max(slots, 1), 4), train_seconds=round(time.time() - t_start, 1),
+            args=vars(args)))
         for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
             shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
-        print(f"train.py: {total_steps} steps on {len(examples)} rows -> {args.out} (final loss {last.get('total'):.4f})")
+        print(f"train.py: {total_steps} steps on {len(examples)} rows -> {args.out} (final loss {total:.4f})")
     barrier()
     if dist:
         torch.distributed.destroy_process_group()
