@@ -1,0 +1,128 @@
+"""bench_sample.py: generations/s of sample.py's code path vs a newcomer's per-prompt pipeline loop and raw batched
+model.generate, plus the share of prompt tokens that are padding. All numbers come from this one run.
+
+    python bench/bench_sample.py [--model toy/model] [--prompts toy/prompts/train.jsonl]
+
+Targets (issue 4): sample.py >= 20x the per-prompt pipeline, >= 0.9x raw generate, padding <= 15% of prompt tokens.
+Without toy/model it benchmarks a randomly initialised 4-layer x 256 GPT-2 with the tiny test tokenizer.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import common  # noqa: E402
+from sample import generate_batched, plan_batches  # noqa: E402
+
+p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p.add_argument("--model", default=os.path.join(ROOT, "toy", "model"), help="policy (default toy/model, else random)")
+p.add_argument("--prompts", default=os.path.join(ROOT, "toy", "prompts", "train.jsonl"), help="prompt JSONL")
+p.add_argument("--num-prompts", type=int, default=128, help="prompts for the batched paths")
+p.add_argument("--pipeline-prompts", type=int, default=16, help="prompts for the (slow) per-prompt pipeline loop")
+p.add_argument("--num-samples", type=int, default=4, help="samples per prompt (issue launch line: 4)")
+p.add_argument("--max-new-tokens", type=int, default=20, help="paper, toxicity: 20")
+p.add_argument("--batch-size", type=int, default=64, help="prompts per generate call, both batched paths")
+p.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds (median; the machine is shared)")
+p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+p.add_argument("--threads", type=int, default=1,
+               help="CPU threads (default 1: on a shared machine more threads spin against each other; 0 = torch's)")
+args = p.parse_args()
+device, dtype = common.default_device_dtype()
+device = args.device or device
+if device == "cpu" and args.threads > 0:
+    torch.set_num_threads(args.threads)
+K, N, B = args.num_samples, args.max_new_tokens, args.batch_size
+
+# ----------------------------------------------------------------------------- model and prompts
+if os.path.isfile(os.path.join(args.model, "config.json")):
+    model, tok = common.load_policy(args.model, device, dtype)
+    what = args.model
+else:
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from conftest import tiny_texts
+    from toy.build_toy_model import train_tokenizer
+
+    tok = train_tokenizer(tiny_texts(), vocab_size=400)
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab_size=len(tok),
+                                  bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    model = transformers.GPT2LMHeadModel(cfg)
+    tmp = os.path.join(ROOT, "runs", "bench_random_gpt2")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    model, tok = common.load_policy(tmp, device, dtype)
+    what = "random 4x256 GPT-2 (toy/model absent)"
+every = ([r["prompt"] for r in common.load_prompts(args.prompts)] if os.path.isfile(args.prompts)
+         else tiny_texts(args.num_prompts))
+every = [x for x in every if x.strip()]
+prompts = (every * (1 + args.num_prompts // len(every)))[:args.num_prompts]
+model.eval()
+sampling = dict(do_sample=True, top_p=1.0, top_k=0, temperature=1.0, max_new_tokens=N, pad_token_id=tok.pad_token_id)
+print(f"model: {what} on {device}/{dtype}; {len(prompts)} prompts x {K} samples, batch {B} prompts, {N} new tokens")
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+pipe = transformers.pipeline("text-generation", model=model, tokenizer=tok)
+
+
+def pipeline_loop(xs):
+    """A newcomer's baseline: one pipeline call per prompt."""
+    return [pipe(x, num_return_sequences=K, return_full_text=False, **sampling) for x in xs]
+
+
+@torch.inference_mode()
+def raw_generate(xs):
+    """Plain batched model.generate in input order (no length sorting); returns (texts, pad tokens, real tokens)."""
+    texts, pad, real = [], 0, 0
+    for s in range(0, len(xs), B):
+        enc = tok(xs[s:s + B], return_tensors="pt", padding=True).to(model.device)  # left padding (load_policy)
+        out = model.generate(**enc, num_return_sequences=K, **sampling)
+        texts += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        real += int(enc["attention_mask"].sum())
+        pad += enc["attention_mask"].numel() - int(enc["attention_mask"].sum())
+    return texts, pad, real
+
+
+def ours(xs):
+    stats = {}
+    generate_batched(model, tok, xs, K, N, 1.0, 1.0, batch_size=B, seed=0, progress=False, stats=stats)
+    return stats
+
+
+pipeline_loop(prompts[:1]), raw_generate(prompts[:4]), ours(prompts[:4])  # warm-up: first-call costs out of the timings
+t_pipe, _ = timed(lambda: pipeline_loop(prompts[:args.pipeline_prompts]))
+t_raw, t_ours = [], []
+for _ in range(args.rounds):  # interleaved, so a busy neighbour slows both alike
+    t, (_, raw_pad, raw_real) = timed(lambda: raw_generate(prompts))
+    t_raw.append(t)
+    t, stats = timed(lambda: ours(prompts))
+    t_ours.append(t)
+ids, batches, _ = plan_batches(tok, every, B, None)  # sample.py's batching of the whole prompt file
+padded = sum(len(b) * len(ids[b[0]]) for b in batches)
+pad_all = 1 - sum(map(len, ids)) / padded
+g = len(prompts) * K
+r_pipe = args.pipeline_prompts * K / t_pipe
+r_raw, r_ours = g / statistics.median(t_raw), g / statistics.median(t_ours)
+print(f"per-prompt pipeline loop : {r_pipe:8.1f} generations/s ({args.pipeline_prompts} prompts)")
+print(f"raw batched generate     : {r_raw:8.1f} generations/s (padding {raw_pad / (raw_pad + raw_real):.1%} "
+      f"of prompt tokens, unsorted)")
+print(f"sample.generate_batched  : {r_ours:8.1f} generations/s (padding {stats['pad_share']:.1%} of prompt tokens)")
+print(f"sample.py padding on the whole prompt file ({len(every)} prompts, {len(batches)} batches): {pad_all:.1%}")
+print(f"ratios: sample.py/pipeline {r_ours / r_pipe:.1f}x (target >= 20x) | sample.py/raw generate "
+      f"{r_ours / r_raw:.2f}x (target >= 0.9x) | padding {stats['pad_share']:.1%} timed, {pad_all:.1%} whole file "
+      f"(target <= 15%)")
