@@ -260,8 +260,8 @@ def main(argv=None):
     for f in pool or [args.condition]:
         if f is not None and (not f.strip() or SEPARATOR in f):
             raise AltError(f"feedback {f!r} is empty or contains {SEPARATOR}; omit --condition for unconditioned x")
-    if args.prompt_field is None and not os.path.isfile(args.prompts) and (
-            args.prompts.endswith((".jsonl", ".json")) or os.sep in args.prompts):
+    looks_local = args.prompts.endswith((".jsonl", ".json")) or args.prompts.startswith((".", os.sep))
+    if args.prompt_field is None and looks_local and not os.path.isfile(args.prompts):  # else: an HF dataset name
         raise AltError(f"{args.prompts}: no such prompt file")
     prompts = common.load_prompts(args.prompts, args.split, args.prompt_field)
 
