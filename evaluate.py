@@ -249,6 +249,8 @@ def read_generations(path):
             if key not in r:
                 raise AltError(f"{path}: row {i}: missing key '{key}'")
         rows.append((i, {**r, "prompt": x}))
+    if not rows:
+        raise AltError(f"{path}: no generations")
     for i, r in rows:
         if not isinstance(r["prompt"], str) or not isinstance(r["generation"], str):
             raise AltError(f"{path}: row {i}: 'prompt' and 'generation' must be strings")
