@@ -67,6 +67,15 @@ def scrambled(model, std=0.5):
     return model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model gains nothing from threads; on a shared 2-core machine they only spin against each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture()
 def policy(tiny_model_dir):
     return common.load_policy(tiny_model_dir, "cpu", "float32", extra_tokens=[common.quantile_token(0)])
@@ -260,7 +269,7 @@ def test_sigkill_leaves_no_partial_output_and_rerun_resumes(tiny_model_dir, tmp_
     argv = ["--model", tiny_model_dir, "--prompts", prompts, "--out", out, "--num-samples", "1",
             "--max-new-tokens", "5", "--batch-size", "1", "--no-progress"]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), *argv], cwd=ROOT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
