@@ -124,7 +124,7 @@ def batch_seed(seed, b):
 
 
 @torch.inference_mode()
-def sample_batch(model, tokenizer, batch_ids, num_samples, max_new_tokens, top_p, temperature):
+def sample_batch(model, tokenizer, batch_ids, num_samples, max_new_tokens, top_p, temperature, return_ids=False):
     """One model.generate call on left-padded inputs -> per input, num_samples {generation, truncated, num_tokens}."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = model.generation_config.eos_token_id
@@ -145,18 +145,21 @@ def sample_batch(model, tokenizer, batch_ids, num_samples, max_new_tokens, top_p
     is_eos = torch.isin(gen, torch.tensor(eos))
     ended = is_eos.any(1)
     n = torch.where(ended, is_eos.int().argmax(1), gen.shape[1]).tolist()  # tokens before the first EOS
-    texts = tokenizer.batch_decode([g[:k] for g, k in zip(gen.tolist(), n)], skip_special_tokens=True,
-                                   clean_up_tokenization_spaces=False)
-    ys = [{"generation": t, "truncated": not e, "num_tokens": k} for t, e, k in zip(texts, ended.tolist(), n)]
+    toks = [g[:k] for g, k in zip(gen.tolist(), n)]
+    texts = tokenizer.batch_decode(toks, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    ys = [{"generation": t, "truncated": not e, "num_tokens": k, **({"ids": i} if return_ids else {})}
+          for t, e, k, i in zip(texts, ended.tolist(), n, toks)]
     k = 1 if greedy else num_samples
     return [[dict(ys[r * k + (0 if greedy else j)]) for j in range(num_samples)] for r in range(len(batch_ids))]
 
 
 def generate_batched(model, tokenizer, inputs, num_samples=1, max_new_tokens=20, top_p=1.0, temperature=1.0,
-                     batch_size=64, seed=0, progress=True, desc="sampling", *, done=None, on_batch=None, stats=None):
+                     batch_size=64, seed=0, progress=True, desc="sampling", *, done=None, on_batch=None, stats=None,
+                     return_ids=False):
     """Sample num_samples continuations of each already-conditioned input string with batched model.generate.
 
     Returns a list aligned with `inputs` of lists (num_samples) of {"generation", "truncated", "num_tokens"}.
+    return_ids adds "ids": y's token ids before EOS (exact, for RL log-probs; decode + re-encode can differ).
     Optional: done {batch index: that batch's results} skips those batches (resume); on_batch(b, results) is
     called after each new batch; stats (a dict) receives counts (prompts_truncated, pad_share, generations, ...).
     """
@@ -182,7 +185,7 @@ def generate_batched(model, tokenizer, inputs, num_samples=1, max_new_tokens=20,
             if res is None:
                 torch.manual_seed(batch_seed(seed, b))
                 res = sample_batch(model, tokenizer, [ids[i] for i in idx], num_samples, max_new_tokens, top_p,
-                                   temperature)
+                                   temperature, return_ids)
                 if on_batch is not None:
                     on_batch(b, res)
                 bar.update(len(idx) * num_samples)
