@@ -232,8 +232,8 @@ def report(runs, out):
     print(f"[alt_loop] wrote {out}/curves.png and {out}/results.md")
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     if args.compare:
         missing = [r for r in args.compare if not os.path.isdir(os.path.join(r, "iter_0"))]
         if missing:
