@@ -30,8 +30,7 @@ import tempfile
 SEPARATOR = "<|separator|>"
 
 
-def quantile_token(k):
-    """Quark's k-th reward-quantile control token (k=0 is the best quantile)."""
+def quantile_token(k):  # Quark's k-th reward-quantile control token (k=0: the best quantile)
     return f"<|quantile_{k}|>"
 
 
@@ -99,14 +98,12 @@ def atomic_open(path, mode="w"):
 
 def write_jsonl(path, rows):
     with atomic_open(path) as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def write_json(path, obj):
     with atomic_open(path) as fh:
-        json.dump(obj, fh, indent=2, ensure_ascii=False)
-        fh.write("\n")
+        fh.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def append_jsonl(fh, row):
@@ -116,39 +113,27 @@ def append_jsonl(fh, row):
     os.fsync(fh.fileno())
 
 
-def _field(row, dotted):
-    for part in dotted.split("."):
-        if not isinstance(row, dict) or part not in row:
-            return None
-        row = row[part]
-    return row
-
-
 def load_prompts(spec, split="train", field=None):
     """Prompts as [{"id", "prompt"}] from a local JSONL file or, with `field` (dotted, e.g. prompt.text), any
     `datasets` source: an HF dataset name, or a local JSON/JSONL file through datasets' json loader."""
     if os.path.isfile(spec) and field is None:
-        out = []
-        for i, row in enumerate(read_jsonl(spec, required=("prompt",))):
-            text = row["prompt"]["text"] if isinstance(row["prompt"], dict) and "text" in row["prompt"] else row["prompt"]
-            if not isinstance(text, str):
-                raise AltError(f"{spec}: row {i + 1}: 'prompt' must be a string or an object with 'text'")
-            out.append({"id": row.get("id", i), "prompt": text})
-        return out
-    import datasets  # only when needed: it is slow to import
+        rows = read_jsonl(spec, required=("prompt",))
+    else:
+        import datasets  # only when needed: it is slow to import
 
-    try:
-        ds = (datasets.load_dataset("json", data_files=spec, split=split) if os.path.isfile(spec)
-              else datasets.load_dataset(spec, split=split))
-    except Exception as e:  # offline Hub, unknown name, bad split: one clear line
-        raise AltError(f"cannot load prompts '{spec}' (split {split}): {type(e).__name__}: {e}") from None
-    field = field or "prompt"
+        try:
+            rows = (datasets.load_dataset("json", data_files=spec, split=split) if os.path.isfile(spec)
+                    else datasets.load_dataset(spec, split=split))
+        except Exception as e:  # offline Hub, unknown name, bad split: one clear line
+            raise AltError(f"cannot load prompts '{spec}' (split {split}): {type(e).__name__}: {e}") from None
     out = []
-    for i, row in enumerate(ds):
-        text = _field(row, field)
-        text = text.get("text") if isinstance(text, dict) else text
+    for i, row in enumerate(rows):
+        text = row
+        for part in (field or "prompt").split("."):
+            text = text.get(part) if isinstance(text, dict) else None
+        text = text.get("text") if isinstance(text, dict) else text  # the RTP shape {"prompt": {"text": ...}}
         if not isinstance(text, str):
-            raise AltError(f"{spec}: row {i}: no string at field '{field}'")
+            raise AltError(f"{spec}: row {i + 1}: no string at '{field or 'prompt'}' (nor at its 'text')")
         out.append({"id": row.get("id", i), "prompt": text})
     if not out:
         raise AltError(f"{spec}: no prompts")
