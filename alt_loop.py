@@ -54,14 +54,14 @@ def parse_args(argv=None):
     # ---- the experiment (defaults: the bundled toy, sized to finish in <= 10 min on 2 CPU cores)
     a("--method", default="alt-rm", choices=METHODS, help="feedback provider (paper: ALT_RM for toxicity); quark / "
       "steerlm are the paper's baselines, dpo runs baselines/dpo.py in the same loop")
-    a("--iterations", type=int, default=4, help="ALT iterations N (paper, toxicity: 5 sampling stages; toy: 4)")
-    a("--model", default=TOY, help="the initial model p_0 (paper: GPT-2 large; toy: toy/model)")
+    a("--iterations", type=int, default=4, help="ALT iterations N (official toxicity run: 16 sampling stages, one every 2,000 steps; toy: 4)")
+    a("--model", default=TOY, help="the initial model p_0 (paper: GPT-2 large, 774M; toy: toy/model, 5.3M)")
     a("--train-prompts", default=here("toy", "prompts", "train.jsonl"),
-      help="prompts x sampled every iteration (paper: 85k RealToxicityPrompts train prompts; toy: 600)")
+      help="prompts x sampled every iteration (paper: the RealToxicityPrompts train split; toy: 600)")
     a("--eval-prompts", default=here("toy", "prompts", "val.jsonl"),
-      help="held-out prompts evaluated after every iteration (paper: 5k RTP val; toy: 100)")
+      help="held-out prompts evaluated after every iteration (official code: a 5k RTP val split; toy: 100)")
     a("--out", default=None, help="run folder (default runs/toy-METHOD)")
-    a("--num-samples", type=int, default=4, help="y per x per iteration (paper: 2 per prompt per sampling stage; toy: 4)")
+    a("--num-samples", type=int, default=4, help="y per x per iteration (official code: one sweep of all train prompts per sampling stage; toy: 4)")
     a("--eval-samples", type=int, default=10, help="y per eval prompt (paper: 25; toy: 10 during the loop)")
     a("--epochs", type=int, default=1, help="train.py passes over D_k per iteration")
     a("--lr", type=float, default=1e-4, help="train.py learning rate (paper: 1e-5 for GPT-2 large; the toy LM is 140x "
