@@ -349,7 +349,10 @@ def main(argv=None):
     step, beta, alpha = 0, args.beta, args.alpha
     common.seed_everything(args.seed + rank)  # ranks draw different dropout masks
     if ck:
-        state = torch.load(os.path.join(ck, "state.pt"), weights_only=True)  # never unpickle objects from a run dir
+        try:  # weights_only: never unpickle objects from a run dir
+            state, rng = (torch.load(os.path.join(ck, f), weights_only=True) for f in ("state.pt", f"rng_{rank}.pt"))
+        except Exception as e:  # a tampered, truncated or foreign file: one line, not a traceback
+            raise AltError(f"{ck}: unreadable resume state ({type(e).__name__}); rerun with --overwrite") from None
         if state["fingerprint"] != fingerprint:
             raise AltError(f"{ck}: made with other settings ({state['fingerprint']}); rerun with --overwrite")
         step, beta, alpha = state["step"], state["beta"], state["alpha"]
@@ -358,7 +361,6 @@ def main(argv=None):
         scheduler.load_state_dict(state["scheduler"])
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr
-        rng = torch.load(os.path.join(ck, f"rng_{rank}.pt"), weights_only=True)
         torch.set_rng_state(rng["torch"])
         if cuda and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"])
@@ -411,6 +413,7 @@ def main(argv=None):
                     nll_m, kl_m, ent_m = (tot[:3] / n_resp).tolist()
                     total = nll_m + beta * kl_m - alpha * ent_m
                     if not math.isfinite(total):
+                        bar.close()  # so the error below is the last line the user sees
                         kept = find_checkpoint(args.out)
                         raise AltError(f"non-finite loss ({total}) at step {step + 1}; stopped before the update; "
                                        + (f"last good checkpoint kept: {kept}" if kept else "no checkpoint yet"))
