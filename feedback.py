@@ -101,8 +101,8 @@ def _hf_scorer(name, label, batch_size):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForSequenceClassification.from_pretrained(name)
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False)  # None would prompt "run custom code?"
+        model = AutoModelForSequenceClassification.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise AltError(f"cannot load classifier '{name}': {str(e).splitlines()[0]}") from None
     cfg = model.config
@@ -157,6 +157,7 @@ def _perspective_scorer(qps):
                     v = float(json.loads(r.read())["attributeScores"]["TOXICITY"]["summaryScore"]["value"])
                 if 0.0 <= v <= 1.0:
                     return v
+                errors["value_out_of_range"] += 1
             except urllib.error.HTTPError as e:
                 errors[f"http_{e.code}"] += 1
                 if e.code != 429 and e.code < 500:
@@ -302,6 +303,11 @@ def load_inputs(args, tags):
                 raise AltError(f"{args.pool}:{i}: feedback {r['feedback']!r} is not one of --method {args.method}'s "
                                f"tags ({', '.join(tags)}): a pool from another method?")
     new = read_jsonl(args.samples, required=("prompt_id", "prompt", "generation"))
+    for path, rows in ((args.pool, pool), (args.samples, new)):  # ids are hashed and sorted on below
+        for i, r in enumerate(rows, 1):
+            if type(r["prompt_id"]) not in (int, str) or any(type(r.get(k) or 0) is not int
+                                                             for k in ("iteration", "sample_idx")):
+                raise AltError(f"{path}:{i}: prompt_id must be an int or a string; iteration and sample_idx ints")
     seen = {(r["prompt_id"], r.get("iteration"), r.get("sample_idx")) for r in pool}
     for i, r in enumerate(new, 1):
         if not isinstance(r["generation"], str) or not isinstance(r["prompt"], str):
@@ -363,9 +369,9 @@ def main(argv=None):
     else:
         default = "lmu_hh.txt" if args.method == "alt-lmu" else "lmc_hh.txt"
         tpath = args.prompt_template or os.path.join(HERE, "prompts", default)
-        template = pathlib.Path(tpath).read_text(encoding="utf-8") if os.path.isfile(tpath) else ""
-        if "{prompt}" not in template or "{generation}" not in template:
-            raise AltError(f"--prompt-template {tpath}: not a readable file with both {{prompt}} and {{generation}}")
+        template = pathlib.Path(tpath).read_bytes().decode("utf-8", "replace") if os.path.isfile(tpath) else ""
+        if "{prompt}" not in template or "{generation}" not in template or "\ufffd" in template:
+            raise AltError(f"--prompt-template {tpath}: not a UTF-8 file with both {{prompt}} and {{generation}}")
         if not args.base_url and not os.environ.get("OPENAI_API_KEY"):
             raise AltError("set OPENAI_API_KEY in the environment, or --base-url for a local server")
         args.cache = args.cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "llm_cache.jsonl")
