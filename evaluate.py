@@ -254,6 +254,8 @@ def read_generations(path):
     for i, r in rows:
         if not isinstance(r["prompt"], str) or not isinstance(r["generation"], str):
             raise AltError(f"{path}: row {i}: 'prompt' and 'generation' must be strings")
+        if not isinstance(r["prompt_id"], (int, str)):  # rows are grouped by it
+            raise AltError(f"{path}: row {i}: 'prompt_id' must be an integer or a string")
         t = r.get("toxicity")
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1):
             raise AltError(f"{path}: row {i}: 'toxicity' must be a number in [0, 1] or null, got {t!r}")
@@ -372,6 +374,8 @@ def main(argv=None):
         return
     summary_path = os.path.join(args.model or "", "train_summary.json")
     summary = read_json_file(summary_path, "the training summary") if os.path.isfile(summary_path) else {}
+    if not isinstance(summary, dict):
+        raise AltError(f"{summary_path}: expected a JSON object")
     fluency = resolve_fluency(args, summary)
     rows = read_generations(args.generations) if args.generations else None
     need = rows is None or any(args.rescore or "toxicity" not in r for r in rows)
