@@ -58,10 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--n-head", type=int, default=4, help="attention heads")
     p.add_argument("--block", type=int, default=128, help="packed block length = n_positions")
     # ---- optimisation
-    p.add_argument("--batch", type=int, default=24, help="blocks per step")
+    p.add_argument("--batch", type=int, default=12, help="blocks per step (small: more updates per CPU-minute)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     p.add_argument("--min-lr-frac", type=float, default=0.05, help="cosine decays to lr * this")
-    p.add_argument("--warmup", type=int, default=150, help="linear warmup steps")
+    p.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
     p.add_argument("--max-minutes", type=float, default=45.0, help="wall-clock budget; the cosine runs over it")
     p.add_argument("--max-steps", type=int, default=0, help="also stop after this many steps (0 = no limit)")
@@ -181,12 +181,13 @@ def main():
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-    step, elapsed, best, order_seed, pos = 0, 0.0, float("inf"), args.seed, 0
+    step, elapsed, best, order_seed, pos, tokens = 0, 0.0, float("inf"), args.seed, 0, 0
     if resume:
         st = torch.load(state_path, weights_only=False)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
-        step, elapsed, best, order_seed, pos = (st[k] for k in ("step", "elapsed", "best", "order_seed", "pos"))
+        step, elapsed, best, order_seed, pos, tokens = (
+            st[k] for k in ("step", "elapsed", "best", "order_seed", "pos", "tokens"))
         print(f"resumed from {state_path}: step {step}, {elapsed / 60:.1f} min trained, best val ppl {best:.1f}")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: GPT-2 {args.n_layer}x{args.n_embd}, {args.n_head} heads, {n_params / 1e6:.2f}M params")
@@ -205,14 +206,15 @@ def main():
     def save(ppl):
         os.makedirs(args.ckpt_dir, exist_ok=True)
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
-                    "best": min(best, ppl), "order_seed": order_seed, "pos": pos}, state_path + ".tmp")
+                    "best": min(best, ppl), "order_seed": order_seed, "pos": pos, "tokens": tokens},
+                   state_path + ".tmp")
         os.replace(state_path + ".tmp", state_path)
         if ppl <= best:  # toy/model holds the best so far
             model.save_pretrained(args.out)
             tok.save_pretrained(args.out)
             write_json(os.path.join(args.out, "build_summary.json"), {
                 "val_ppl": round(ppl, 2), "step": step, "train_minutes": round(elapsed / 60, 1),
-                "tokens_seen": step * args.batch * args.block, "train_tokens_available": train.numel(),
+                "tokens_seen": tokens, "train_tokens_available": train.numel(),
                 "val_tokens": val.numel(), "params": n_params, "docs_per_source": counts,
                 "config": {k: v for k, v in vars(args).items() if k not in ("data", "out", "ckpt_dir")}})
 
@@ -228,7 +230,7 @@ def main():
             best_before = best
             best = min(best, ppl)
             save(ppl)
-            print(f"step {step} | {elapsed / 60:.1f} min | tokens {step * args.batch * args.block / 1e6:.2f}M "
+            print(f"step {step} | {elapsed / 60:.1f} min | tokens {tokens / 1e6:.2f}M "
                   f"| val ppl {ppl:.1f}{' (best, saved)' if ppl <= best_before else ''}", flush=True)
             last_eval = time.time()
             if done:
@@ -248,11 +250,12 @@ def main():
         opt.step()
         step += 1
         tokens_window += x.numel()
+        tokens += x.numel()
         if step % 50 == 0:
             print(f"step {step} | loss {loss.item():.3f} | lr {opt.param_groups[0]['lr']:.2e} | "
                   f"{tokens_window / (time.time() - t_window):.0f} tok/s", flush=True)
             tokens_window, t_window = 0, time.time()
-    print(f"final: val ppl {best:.1f} (best) after {step} steps, {step * args.batch * args.block / 1e6:.2f}M tokens, "
+    print(f"final: val ppl {best:.1f} (best) after {step} steps, {tokens / 1e6:.2f}M tokens, "
           f"{elapsed / 60:.1f} min; model in {args.out}")
 
 
