@@ -23,6 +23,7 @@ Conditioning template (the single source, used by sample, train and evaluate):
 import contextlib
 import json
 import os
+import pickle
 import random
 import sys
 import tempfile
@@ -82,8 +83,11 @@ def read_jsonl(path, required=(), allow_empty=False, partial_ok=False):
 def atomic_open(path, mode="w"):
     """Write to a temp file in the same folder, then rename: a crash never leaves a half-written `path`."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as e:
+        raise AltError(f"{path}: cannot write ({e.strerror})") from None
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh
@@ -134,7 +138,10 @@ def load_prompts(spec, split="train", field=None):
         text = text.get("text") if isinstance(text, dict) else text  # the RTP shape {"prompt": {"text": ...}}
         if not isinstance(text, str):
             raise AltError(f"{spec}: row {i + 1}: no string at '{field or 'prompt'}' (nor at its 'text')")
-        out.append({"id": row.get("id", i), "prompt": text})
+        pid = row.get("id", i)
+        if isinstance(pid, bool) or not isinstance(pid, (int, str)):
+            raise AltError(f"{spec}: row {i + 1}: 'id' must be an int or a string, got {type(pid).__name__}")
+        out.append({"id": pid, "prompt": text})
     if not out:
         raise AltError(f"{spec}: no prompts")
     return out
@@ -176,7 +183,7 @@ def load_policy(name_or_path, device=None, dtype=None, extra_tokens=(), trust_re
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, pickle.UnpicklingError) as e:  # pickle: a folder with only a .bin (never unpickled)
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise AltError(f"cannot load model '{name_or_path}': not a local model folder and not loadable from the "
                        f"Hub{offline}: {str(e).splitlines()[0]}") from None

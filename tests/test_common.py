@@ -141,3 +141,14 @@ def test_seed_everything_reproduces():
     a = torch.rand(4)
     common.seed_everything(3)
     assert torch.equal(a, torch.rand(4))
+
+
+def test_bad_ids_and_unwritable_outputs_are_clear_errors(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a", "id": [1, 2]}\n')
+    with pytest.raises(AltError, match="row 1: 'id' must be an int or a string, got list"):
+        common.load_prompts(str(path))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(AltError, match="cannot write"):
+        common.write_jsonl(str(blocker / "sub" / "out.jsonl"), [{"a": 1}])
