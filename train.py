@@ -249,6 +249,25 @@ def find_checkpoint(out):
     return os.path.join(out, found[0]) if found else None
 
 
+def load_checkpoint(ck, rank, optimizer, scheduler, fingerprint):
+    """Restore optimizer, schedule and this rank's RNG -> (step, β, α)."""
+    try:  # weights_only: never unpickle objects from a run dir
+        state, rng = (torch.load(os.path.join(ck, f), weights_only=True) for f in ("state.pt", f"rng_{rank}.pt"))
+    except Exception as e:  # a tampered, truncated or foreign file: one line, not a traceback
+        raise AltError(f"{ck}: unreadable resume state ({type(e).__name__}); rerun with --overwrite") from None
+    if state["fingerprint"] != fingerprint:
+        raise AltError(f"{ck}: made with other settings ({state['fingerprint']}); rerun with --overwrite")
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state["step"], state["beta"], state["alpha"]
+
+
 def deepspeed_engine(path, model, optimizer, scheduler, want, bf16):
     """deepspeed.initialize around our model/AdamW/schedule; "auto" config values come from the flags (`want`)."""
     import deepspeed
@@ -340,30 +359,17 @@ def main(argv=None):
 
     # ---- optimisation: AdamW + linear warmup/decay; resume state; DDP or DeepSpeed around the same model
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})  # the old name is deprecated in recent transformers 5.x
     model.train()  # dropout on (the official code trained in eval mode by mistake)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * total_steps), total_steps)
     fingerprint = dict(data=os.path.abspath(args.data), examples=len(examples), global_batch=G, world=world,
                        steps=total_steps, lr=args.lr, seed=args.seed)
     step, beta, alpha = 0, args.beta, args.alpha
-    common.seed_everything(args.seed + rank)  # ranks draw different dropout masks
+    common.seed_everything(args.seed + rank)  # ranks draw different dropout masks; a resume restores the RNG
     if ck:
-        try:  # weights_only: never unpickle objects from a run dir
-            state, rng = (torch.load(os.path.join(ck, f), weights_only=True) for f in ("state.pt", f"rng_{rank}.pt"))
-        except Exception as e:  # a tampered, truncated or foreign file: one line, not a traceback
-            raise AltError(f"{ck}: unreadable resume state ({type(e).__name__}); rerun with --overwrite") from None
-        if state["fingerprint"] != fingerprint:
-            raise AltError(f"{ck}: made with other settings ({state['fingerprint']}); rerun with --overwrite")
-        step, beta, alpha = state["step"], state["beta"], state["alpha"]
-        if "optimizer" in state:
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr
-        torch.set_rng_state(rng["torch"])
-        if cuda and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"])
+        step, beta, alpha = load_checkpoint(ck, rank, optimizer, scheduler, fingerprint)
     fwd = model
     if args.deepspeed:
         want = dict(train_micro_batch_size_per_gpu=B, gradient_accumulation_steps=A, train_batch_size=G,

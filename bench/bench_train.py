@@ -151,7 +151,8 @@ def main():
         # the fastest step of each setting: the one least slowed by other jobs on a shared machine
         tps0, tps1 = 1 / min(spt[0.0]), 1 / min(spt[0.05])
         kl_cost = tps0 / tps1
-        print(f"[1] tokens/s  beta=0: {tps0:,.0f}   beta=0.05: {tps1:,.0f}   KL step cost: {kl_cost:.2f}x (target <= 1.4x)")
+        print(f"[1] tokens/s  beta=0: {tps0:,.0f}   beta=0.05: {tps1:,.0f}   KL step cost: {kl_cost:.2f}x "
+              "(target <= 1.4x)")
         print(f"[2] padding share, length-bucketed batches of 32 (policy + p_0 encodings): {share:.1%} (target <= 15%)")
 
     mm = {dt: matmul_flops(getattr(torch, dt), device) for dt in (("bfloat16",) if cuda else ("float32", "bfloat16"))}

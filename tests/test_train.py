@@ -134,7 +134,7 @@ def test_read_pool_skips_counts_and_rejects_unknown_tags(tmp_path):
     rows[1]["feedback"], rows[4]["generation"] = None, ""
     rows[7]["feedback"] = "Purple"
     common.write_jsonl(pool, rows)
-    with pytest.raises(AltError, match=r"pool\.jsonl:8: feedback 'Purple' is not one of the 3 tags in .*pool\.meta\.json"):
+    with pytest.raises(AltError, match=r"pool\.jsonl:8: feedback 'Purple' is not one of the 3 tags in .*pool\.meta"):
         train.read_pool(pool, TAGS)
     kept, c = train.read_pool(pool, None, drop_truncated=True)
     assert (c["null_feedback"], c["empty_generation"], c["truncated"]) == (1, 1, 8) and c["used"] == len(kept) == 14
@@ -170,7 +170,7 @@ def read_log(out):
     return common.read_jsonl(os.path.join(out, "train_log.jsonl"))
 
 
-def test_training_lowers_nll_and_writes_outputs(tiny_model_dir, tmp_path, monkeypatch):
+def test_training_lowers_nll_and_writes_outputs(tiny_model_dir, tmp_path, monkeypatch, capsys):
     meta = {"method": "alt-rm", "tags": TAGS, "exemplar": TAGS[0], "scorer": "profanity-check"}
     pool = make_pool(tmp_path / "pool.jsonl", n=24, meta=meta)
     loads = []
@@ -192,9 +192,27 @@ def test_training_lowers_nll_and_writes_outputs(tiny_model_dir, tmp_path, monkey
             nlls.append(train.alt_loss(train.response_logits(model.eval(), pol), None, pol["targets"],
                                        pol["resp_mask"])[0].item())
     assert nlls[1] < nlls[0] * 0.95
-    assert os.path.exists(os.path.join(out, "model.safetensors")) and not os.path.exists(os.path.join(out, "checkpoint"))
+    assert os.path.exists(os.path.join(out, "model.safetensors"))
+    assert not os.path.exists(os.path.join(out, "checkpoint"))  # resume state removed once finished
+    before = os.stat(os.path.join(out, "model.safetensors")).st_mtime_ns
+    capsys.readouterr()
     train.main(["--data", pool, "--model", tiny_model_dir, "--out", out])
-    assert common.read_jsonl(os.path.join(out, "train_log.jsonl")) == read_log(out)  # "done": nothing rerun
+    assert capsys.readouterr().out == "done\n" and os.stat(os.path.join(out, "model.safetensors")).st_mtime_ns == before
+
+
+def test_grad_accum_and_checkpointing_match_one_big_batch_and_controllers_move(tiny_model_dir, tmp_path):
+    model = no_dropout_copy(tiny_model_dir, tmp_path / "nodrop")
+    pool = make_pool(tmp_path / "pool.jsonl", n=16)
+    one = read_log(run_train(tmp_path, model, pool, out="one"))
+    acc = read_log(run_train(tmp_path, model, pool, "--batch-size", "2", "--grad-accum", "2",
+                             "--gradient-checkpointing", out="acc"))
+    for x, y in zip(one, acc):  # the step's token mean spans its micro-batches: same gradients, same losses
+        assert [y[k] for k in ("nll", "kl", "entropy")] == pytest.approx([x[k] for k in ("nll", "kl", "entropy")],
+                                                                         rel=1e-5)
+    ctl = read_log(run_train(tmp_path, model, pool, "--target-kl", "1e-4", "--target-entropy", "100",
+                             "--max-grad-norm", "0.5", out="ctl"))
+    assert ctl[-1]["beta"] > ctl[0]["beta"] == 0.05 and ctl[-1]["alpha"] > ctl[0]["alpha"] == 0.06
+    assert all(r["grad_norm"] is not None for r in ctl)
 
 
 def test_quark_tags_become_single_tokens_and_other_k_is_rejected(tiny_model_dir, tmp_path):
@@ -229,7 +247,8 @@ def test_deepspeed_flag_without_deepspeed_is_one_clear_error(tmp_path, monkeypat
 
 def script(*args, env=None, **kw):
     full = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full, capture_output=True, text=True, timeout=300, **kw)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full, capture_output=True, text=True, timeout=300,
+                          **kw)
 
 
 @pytest.mark.slow
@@ -245,7 +264,8 @@ def test_kill_and_resume_reaches_the_same_final_state(tiny_model_dir, tmp_path):
     assert [x["step"] for x in killed] == list(range(1, 7))
     for x, y in zip(killed, clean):  # model, optimizer, scheduler and dropout RNG all restored (threads differ: approx)
         assert (x["lr"], x["tokens"]) == (y["lr"], y["tokens"])
-        assert [x[k] for k in ("nll", "kl", "entropy", "total")] == pytest.approx([y[k] for k in ("nll", "kl", "entropy", "total")], abs=1e-6)
+        keys = ("nll", "kl", "entropy", "total")
+        assert [x[k] for k in keys] == pytest.approx([y[k] for k in keys], abs=1e-6)
     a, b = load(str(tmp_path / "killed")), load(str(tmp_path / "clean"))
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
