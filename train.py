@@ -323,7 +323,12 @@ def main(argv=None):
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     dist = torch.distributed.is_initialized()
     barrier = torch.distributed.barrier if dist else (lambda: None)
-    all_sum = (lambda t: torch.distributed.all_reduce(t) or t) if dist else (lambda t: t)  # float64 sums over ranks
+
+    def all_sum(t):  # float64 sums over ranks; NCCL reduces only GPU tensors
+        if dist:
+            t = t.to(device)
+            torch.distributed.all_reduce(t)
+        return t.cpu()
 
     # ---- data and models: p_θ starts from --model (or the resume checkpoint); p_0 is loaded only when β > 0
     meta = read_meta(args.data)
