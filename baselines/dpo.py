@@ -129,6 +129,8 @@ def pair_batch(examples, pad_id):
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun would start N copies racing on one --out
+        raise AltError("dpo.py runs in one process: use alt_loop.py --launcher python")
     summary_path, log_path = (os.path.join(args.out, n) for n in ("train_summary.json", "train_log.jsonl"))
     if os.path.exists(summary_path) and not args.overwrite:
         return print("done")
