@@ -259,7 +259,7 @@ def test_ppo_two_updates_save_loadable_checkpoints_and_resume_exactly(tmp_path, 
         assert (a / f"iter_{k}" / "model" / "state.pt").exists() == (k == 2)  # only the newest keeps the resume state
     log = common.read_jsonl(a / "ppo_log.jsonl")
     assert [r["update"] for r in log] == [1, 2] and log[0]["kl"] == 0.0  # π_θ = p_0 when the first rollout is drawn
-    assert log[1]["kl_coef"] != 0.05  # the adaptive controller moved λ
+    assert log[0]["kl_coef"] < ppo.parse_args([]).kl_coef  # KL 0 < target: the adaptive controller lowered λ
     model, _ = load(str(a / "iter_2" / "model"))
     head = ppo.load_file(str(a / "iter_2" / "model" / "value_head.safetensors"))
     assert head["weight"].shape == (1, model.config.n_embd) and head["weight"].abs().sum() > 0
