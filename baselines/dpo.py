@@ -170,12 +170,7 @@ def main(argv=None):
                        beta=args.beta, seed=args.seed)
     step = 0
     if ck:
-        state = torch.load(os.path.join(ck, "state.pt"), weights_only=True)
-        if state["fingerprint"] != fingerprint:
-            raise AltError(f"{ck}: made with other settings ({state['fingerprint']}); rerun with --overwrite")
-        step = state["step"]
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        step = train.load_checkpoint(ck, 0, optimizer, scheduler, fingerprint)[0]
     old = common.read_jsonl(log_path, allow_empty=True, partial_ok=True) if os.path.exists(log_path) else []
     common.write_jsonl(log_path, [r for r in old if r.get("step", 0) <= step])  # drop steps past the checkpoint
     log_fh = open(log_path, "a", encoding="utf-8")
@@ -211,8 +206,8 @@ def main(argv=None):
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['reward_acc']:.2f}")
         if step % args.save_every == 0 and step < total_steps:
-            state = dict(step=step, fingerprint=fingerprint, optimizer=optimizer.state_dict(),
-                         scheduler=scheduler.state_dict())
+            state = dict(step=step, beta=args.beta, alpha=0.0, fingerprint=fingerprint,  # train.py's state layout
+                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
             train.save_checkpoint(args.out, model, tok, state, 0, lambda: None)
     bar.close()
     log_fh.close()

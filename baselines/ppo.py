@@ -340,7 +340,8 @@ def main(argv=None):
                     tokens_per_s=round(stats["tokens"] / max(t_upd, 1e-9), 1))
         common.append_jsonl(log_fh, last)
         print(f"[ppo] update {update}/{args.updates}  gens {generations}  score {last['score']:.3f}  "
-              f"kl {stats['kl']:.3f}  λ {kl_coef:.4f}  clipfrac {last['clipfrac']:.3f}  ({t_roll:.1f}+{t_upd:.1f} s)", flush=True)
+              f"kl {stats['kl']:.3f}  λ {kl_coef:.4f}  clipfrac {last['clipfrac']:.3f}  ({t_roll:.1f}+{t_upd:.1f} s)",
+              flush=True)
         if update % args.save_every == 0 or update == args.updates:
             k = -(-update // args.save_every)
             summary = dict(method="ppo", tags=None, exemplar=None, model=args.model, ref_model=args.model,

@@ -138,6 +138,31 @@ def test_dpo_two_steps_save_a_loadable_model(tmp_path, tiny_model_dir, capsys):
     assert capsys.readouterr().out.strip() == "done"
 
 
+def test_dpo_resumes_bit_identically(tmp_path, tiny_model_dir, monkeypatch):
+    gens = [" stupid idiot.", " nice people."]
+    common.write_jsonl(tmp_path / "pool.jsonl", [pool_row(i, j, float(j), gens[j]) for i in range(12) for j in range(2)])
+    argv = lambda out: ["--data", str(tmp_path / "pool.jsonl"), "--model", tiny_model_dir, "--out", str(out),  # noqa
+                        "--batch-size", "4", "--lr", "1e-3", "--save-every", "1"]
+    dpo.main(argv(tmp_path / "a"))  # 3 steps, uninterrupted
+    real, calls = dpo.dpo_loss, []
+
+    def crash_at_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # a kill after step 2's checkpoint
+        return real(*a, **k)
+    monkeypatch.setattr(dpo, "dpo_loss", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        dpo.main(argv(tmp_path / "b"))
+    assert (tmp_path / "b" / "checkpoint" / "state.pt").exists() and not (tmp_path / "b" / "train_summary.json").exists()
+    monkeypatch.setattr(dpo, "dpo_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    dpo.main(argv(tmp_path / "b"))
+    assert len(calls) == 4  # the rerun computed step 3 only
+    wa, wb = (ppo.load_file(str(tmp_path / d / "model.safetensors")) for d in ("a", "b"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [r["step"] for r in common.read_jsonl(tmp_path / "b" / "train_log.jsonl")] == [1, 2, 3]
+
+
 # ----------------------------------------------------------------------------- PPO pieces
 def test_gae_hand_computed_and_brute_force():
     # γ = 1, λ = 0.5: δ = (0 + .25 − .5, 0 + .5 − .25, 1 + 0 − .5) = (−.25, .25, .5);
