@@ -23,7 +23,6 @@ Conditioning template (the single source, used by sample, train and evaluate):
 import contextlib
 import json
 import os
-import pickle
 import random
 import sys
 import tempfile
@@ -183,7 +182,7 @@ def load_policy(name_or_path, device=None, dtype=None, extra_tokens=(), trust_re
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, pickle.UnpicklingError) as e:  # pickle: a folder with only a .bin (never unpickled)
+    except Exception as e:  # OSError, ValueError, or UnpicklingError for a folder with only a pickled .bin
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise AltError(f"cannot load model '{name_or_path}': not a local model folder and not loadable from the "
                        f"Hub{offline}: {str(e).splitlines()[0]}") from None
