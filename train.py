@@ -22,20 +22,13 @@ Token layout: each prefix (condition(x, f) for p_θ, x alone for p_0) and y are 
 y's ids are identical in both encodings. A batch left-pads the prefixes and right-pads y: y starts in the same column
 P of every row, and one [B, R] response mask serves both models.
 """
-import argparse
-import contextlib
-import json
-import math
-import os
-import random
-import shutil
-import signal
-import time
+import argparse, contextlib, json, math, os, random, shutil, signal, time  # noqa: E401
 
 import torch
 
 import common
 from common import AltError
+from feedback import meta_path  # POOL minus ".jsonl" plus ".meta.json": the stage that writes it owns the name
 
 
 def parse_args(argv=None):
@@ -84,11 +77,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- data: D_k -> token ids
-def meta_path(pool):
-    """The pool's sidecar meta: POOL minus ".jsonl" plus ".meta.json" (written by feedback.py)."""
-    return (pool[:-len(".jsonl")] if pool.endswith(".jsonl") else pool) + ".meta.json"
-
-
 def read_meta(pool):
     path = meta_path(pool)
     if not os.path.exists(path):
