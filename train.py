@@ -22,20 +22,13 @@ Token layout: each prefix (condition(x, f) for p_θ, x alone for p_0) and y are 
 y's ids are identical in both encodings. A batch left-pads the prefixes and right-pads y: y starts in the same column
 P of every row, and one [B, R] response mask serves both models.
 """
-import argparse
-import contextlib
-import json
-import math
-import os
-import random
-import shutil
-import signal
-import time
+import argparse, contextlib, json, math, os, random, shutil, signal, time  # noqa: E401
 
 import torch
 
 import common
 from common import AltError
+from feedback import meta_path  # POOL minus ".jsonl" plus ".meta.json": the stage that writes it owns the name
 
 
 def parse_args(argv=None):
@@ -84,11 +77,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- data: D_k -> token ids
-def meta_path(pool):
-    """The pool's sidecar meta: POOL minus ".jsonl" plus ".meta.json" (written by feedback.py)."""
-    return (pool[:-len(".jsonl")] if pool.endswith(".jsonl") else pool) + ".meta.json"
-
-
 def read_meta(pool):
     path = meta_path(pool)
     if not os.path.exists(path):
@@ -211,12 +199,9 @@ def response_logprobs(model, batch):
 def alt_loss(logits, ref_logits, targets, resp_mask):
     """Equation 1's three sums over a micro-batch's N response tokens -> (nll, kl, entropy), 0-d tensors."""
     logp = torch.log_softmax(logits[resp_mask].float(), -1)  # [N, V]: real response positions only
-    # -- Equation 1, NLL term: −log p_θ(y_t | f, x, y<t)
-    nll = -logp.gather(-1, targets[resp_mask].unsqueeze(-1)).sum()
-    # -- Equation 1, entropy term: H(p_θ(· | f, x, y<t)) = −Σ_v p_θ log p_θ  (enters the loss as −α·H)
-    entropy = -(logp.exp() * logp).sum()
-    # -- Equation 1, KL term: KL(p_0(· | x, y<t) ‖ p_θ(· | f, x, y<t)) = Σ_v p_0 (log p_0 − log p_θ)
-    kl = logp.new_zeros(())
+    nll = -logp.gather(-1, targets[resp_mask].unsqueeze(-1)).sum()  # NLL term: −log p_θ(y_t | f, x, y<t)
+    entropy = -(logp.exp() * logp).sum()  # H(p_θ(· | f, x, y<t)) = −Σ_v p_θ log p_θ (the loss has −α·H)
+    kl = logp.new_zeros(())  # KL(p_0(· | x, y<t) ‖ p_θ(· | f, x, y<t)) = Σ_v p_0 (log p_0 − log p_θ)
     if ref_logits is not None:
         logq = torch.log_softmax(ref_logits[resp_mask].float(), -1)  # [N, V], p_0 without feedback
         kl = (logq.exp() * (logq - logp)).sum()
@@ -408,11 +393,8 @@ def main(argv=None):
             no_sync = world > 1 and not args.deepspeed and j < A - 1  # DDP: all-reduce grads on the last micro only
             with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=bf16), \
                     fwd.no_sync() if no_sync else contextlib.nullcontext():
-                ref_logits = None
-                if ref is not None:
-                    with torch.inference_mode():
-                        ref_logits = response_logits(ref, rb)
-                    ref_logits = ref_logits.clone()  # inference tensors cannot be saved for backward
+                with torch.no_grad():  # p_0 is fixed (not inference_mode: the KL saves its logits for backward)
+                    ref_logits = None if ref is None else response_logits(ref, rb)
                 nll, kl, entropy = alt_loss(response_logits(fwd, pb), ref_logits, pb["targets"], pb["resp_mask"])
                 if step + 1 == nan_at:
                     nll = nll * float("nan")
