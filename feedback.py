@@ -232,13 +232,10 @@ def ask_judge(items, args, template, parse):
     from tqdm import tqdm
 
     keys = [cache_key(args.llm_model, template, x, y) for x, y in items]
-    cache = {}
-    if os.path.exists(args.cache):
-        rows = read_jsonl(args.cache, allow_empty=True, partial_ok=True)  # a killed run may tear the last line ...
-        with open(args.cache, "rb") as fh:
-            if fh.read()[-1:] not in (b"", b"\n"):
-                write_jsonl(args.cache, rows)  # ... which is dropped before we append after it
-        cache = {r.get("key"): r["reply"] for r in rows if parse(r.get("reply")) is not None}
+    rows = read_jsonl(args.cache, allow_empty=True, partial_ok=True) if os.path.exists(args.cache) else []
+    if os.path.exists(args.cache) and pathlib.Path(args.cache).read_bytes()[-1:] not in (b"", b"\n"):
+        write_jsonl(args.cache, rows)  # a killed run may tear the last line: drop it before we append after it
+    cache = {r.get("key"): r["reply"] for r in rows if parse(r.get("reply")) is not None}
     todo = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values())  # one ask per distinct (x, y)
     stats = collections.Counter(cached=len(items) - len(todo))
     client = openai.OpenAI(base_url=args.base_url, api_key=os.environ.get("OPENAI_API_KEY") or "unused",
@@ -261,6 +258,7 @@ def ask_judge(items, args, template, parse):
             if parse(reply) is not None:
                 return i, reply, got
             got["error_unparseable"] += 1
+        got["failed"] = 1
         return i, None, got
 
     os.makedirs(os.path.dirname(os.path.abspath(args.cache)), exist_ok=True)
@@ -269,11 +267,9 @@ def ask_judge(items, args, template, parse):
         for fut in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc="judge", mininterval=1):
             i, reply, got = fut.result()
             stats.update(got)
-            if reply is None:
-                stats["failed"] += 1
-                continue
-            cache[keys[i]] = reply
-            append_jsonl(fh, {"key": keys[i], "model": args.llm_model, "reply": reply})  # durable before we go on
+            if reply is not None:
+                cache[keys[i]] = reply
+                append_jsonl(fh, {"key": keys[i], "model": args.llm_model, "reply": reply})  # durable before we go on
     return [parse(cache[k]) if k in cache else None for k in keys], stats
 
 
