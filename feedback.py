@@ -88,18 +88,14 @@ def make_scorer(spec, qps=1.0, batch_size=256):
 
         chunk = max(batch_size, 8192)  # a linear model: per-call overhead, not memory, limits the chunk size
         return lambda texts: [float(v) for i in range(0, len(texts), chunk) for v in predict_prob(texts[i:i + chunk])]
-    if spec.startswith("hf:"):
-        name, _, label = spec[3:].partition(":")
-        return _hf_scorer(name, label, batch_size)
     if spec == "perspective":
         return _perspective_scorer(qps)
-    raise AltError(f"unknown --scorer '{spec}' (profanity-check, hf:MODEL[:LABEL] or perspective)")
-
-
-def _hf_scorer(name, label, batch_size):
-    import torch
+    if not spec.startswith("hf:"):
+        raise AltError(f"unknown --scorer '{spec}' (profanity-check, hf:MODEL[:LABEL] or perspective)")
+    import torch  # hf:MODEL[:LABEL], a sequence classifier
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    name, _, label = spec[3:].partition(":")
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False)  # None would prompt "run custom code?"
         model = AutoModelForSequenceClassification.from_pretrained(name, trust_remote_code=False)
@@ -121,14 +117,14 @@ def _hf_scorer(name, label, batch_size):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).eval()
 
+    @torch.no_grad()
     def score(texts):
         out, order = [None] * len(texts), sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             enc = tok([texts[i] or " " for i in idx], padding=True, truncation=True, max_length=max_len,
                       return_tensors="pt").to(device)  # an empty y is scored as " ": zero tokens cannot be classified
-            with torch.no_grad():
-                logits = model(**enc).logits.float()  # (batch, num_labels)
+            logits = model(**enc).logits.float()  # (batch, num_labels)
             probs = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, -1)
             for i, v in zip(idx, probs[:, col].tolist()):
                 out[i] = v
