@@ -276,18 +276,18 @@ def load_inputs(args, tags):
     if args.pool:
         pool = read_jsonl(args.pool, required=("prompt_id", "prompt", "generation", "reward", "feedback"),
                           allow_empty=True)
-        if os.path.exists(meta_path(args.pool)):
+        mp = meta_path(args.pool)
+        if os.path.exists(mp):
             try:
-                with open(meta_path(args.pool), encoding="utf-8") as fh:
-                    meta = json.load(fh)
+                meta = json.loads(pathlib.Path(mp).read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
-                raise AltError(f"{meta_path(args.pool)}: unreadable ({e})") from None
+                raise AltError(f"{mp}: unreadable ({e})") from None
             want = {"method": args.method} | ({"quantiles": args.quantiles, "scorer": args.scorer}
                                               if args.method in QUANTILE_METHODS else {})
             for key, val in want.items():
                 if meta.get(key) != val:
                     raise AltError(f"--pool {args.pool} was made with {key} {meta.get(key)!r}, this run uses {val!r} "
-                                   f"({meta_path(args.pool)})")
+                                   f"({mp})")
         for i, r in enumerate(pool, 1):
             if r["reward"] is not None and not (isinstance(r["reward"], (int, float)) and math.isfinite(r["reward"])):
                 raise AltError(f"{args.pool}:{i}: reward must be a finite number or null, got {r['reward']!r}")
@@ -306,7 +306,7 @@ def load_inputs(args, tags):
             raise AltError(f"{args.samples}:{i}: 'prompt' and 'generation' must be strings")
         if "iteration" in r and "sample_idx" in r and (r["prompt_id"], r["iteration"], r["sample_idx"]) in seen:
             raise AltError(f"{args.samples}:{i}: this (prompt_id, iteration, sample_idx) is already in --pool")
-    return pool, [dict(r) for r in new]
+    return pool, new
 
 
 def main(argv=None):
