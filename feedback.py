@@ -322,6 +322,7 @@ def main(argv=None):
         return
     if args.pool and os.path.abspath(args.pool) == os.path.abspath(args.out):
         raise AltError("--out must differ from --pool")
+    lmu, out_dir = args.method == "alt-lmu", os.path.dirname(os.path.abspath(args.out))
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
     if args.method == "steerlm" and categories != HH_CATEGORIES:
         raise AltError("steerlm maps exactly the 4 HH categories (App. D); do not change --categories")
@@ -333,11 +334,11 @@ def main(argv=None):
             raise AltError(f"--tags {args.tags!r}: need {args.quantiles} distinct tags (= --quantiles), best first: "
                            f"{' | '.join(TAG_SETS)} | a,b,c")
     else:
-        tags = None if args.method == "alt-lmu" else [STEERLM.get(c, c) if args.method == "steerlm" else c
-                                                      for c in categories]
+        tags = None if lmu else [STEERLM.get(c, c) if args.method == "steerlm" else c for c in categories]
     pool, new = load_inputs(args, tags)
     rows = pool + new
     counts = {"pool_rows": len(pool), "new_rows": len(new), "rows": len(rows)}
+    exemplar = tags[0] if tags else os.path.join(out_dir, "exemplars.json")  # f̂: the best tag, or alt-lmu's list
     llm = None
 
     if args.method in QUANTILE_METHODS:
@@ -348,8 +349,7 @@ def main(argv=None):
                            f"{' or --scope global' if args.scope == 'prompt' else ''})")
         score = make_scorer(args.scorer, qps=args.qps, batch_size=args.batch_size)
         print(f"scoring {len(new)} new rows with {args.scorer} ({len(pool)} pool rows keep their reward)")
-        tox = score([r["generation"] for r in new])
-        for r, t in zip(new, tox):
+        for r, t in zip(new, score([r["generation"] for r in new])):
             r["reward"] = 1.0 - t if t is not None and math.isfinite(t) else None  # r = 1 - toxicity
         counts["reward_null"] = sum(r["reward"] is None for r in new)
         counts |= {f"scorer_{k}": v for k, v in getattr(score, "errors", {}).items()}
@@ -357,26 +357,23 @@ def main(argv=None):
             raise AltError(f"scorer {args.scorer} could not score any of the {len(new)} new rows")
         for r, q in zip(rows, assign_quantiles(rows, args.quantiles, args.scope)):
             r["feedback"] = None if q is None else tags[q]
-        exemplar = tags[0]
     else:
-        default = "lmu_hh.txt" if args.method == "alt-lmu" else "lmc_hh.txt"
-        tpath = args.prompt_template or os.path.join(HERE, "prompts", default)
+        tpath = args.prompt_template or os.path.join(HERE, "prompts", "lmu_hh.txt" if lmu else "lmc_hh.txt")
         template = pathlib.Path(tpath).read_bytes().decode("utf-8", "replace") if os.path.isfile(tpath) else ""
         if "{prompt}" not in template or "{generation}" not in template or "\ufffd" in template:
             raise AltError(f"--prompt-template {tpath}: not a UTF-8 file with both {{prompt}} and {{generation}}")
         if not args.base_url and not os.environ.get("OPENAI_API_KEY"):
             raise AltError("set OPENAI_API_KEY in the environment, or --base-url for a local server")
-        args.cache = args.cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "llm_cache.jsonl")
-        args.max_tokens = args.max_tokens or (256 if args.method == "alt-lmu" else 16)
-        parse = parse_unconstrained if args.method == "alt-lmu" else lambda reply: parse_category(reply, categories)
+        args.cache = args.cache or os.path.join(out_dir, "llm_cache.jsonl")
+        args.max_tokens = args.max_tokens or (256 if lmu else 16)
+        parse = parse_unconstrained if lmu else lambda reply: parse_category(reply, categories)
         answers, stats = ask_judge([(r["prompt"], r["generation"]) for r in new], args, template, parse)
         for r, a in zip(new, answers):
-            if args.method == "alt-lmu":
+            if lmu:
                 r["feedback"], r["score"] = a or (None, None)
-                r["reward"] = None if a is None else float(a[1])
             else:
                 r["feedback"] = a if a is None or args.method == "alt-lmc" else STEERLM[a]
-                r["reward"] = None if a is None else float(len(categories) - 1 - categories.index(a))
+            r["reward"] = None if a is None else float(a[1] if lmu else len(categories) - 1 - categories.index(a))
         counts |= dict(sorted(stats.items()))
         print(f"judge {args.llm_model}: {stats['requests']} requests, {stats['cached']} cached, {stats['failed']} "
               f"failed; tokens: {stats['prompt_tokens']} prompt + {stats['completion_tokens']} completion")
@@ -385,8 +382,7 @@ def main(argv=None):
                            f"({', '.join(k for k in stats if k.startswith('error_'))}); is --base-url right?")
         llm = {"base_url": args.base_url, "model": args.llm_model, "template": tpath, "temperature": args.temperature,
                "template_sha256": hashlib.sha256(template.encode()).hexdigest(), "cache": args.cache}
-        exemplar = tags[0] if tags else os.path.join(os.path.dirname(os.path.abspath(args.out)), "exemplars.json")
-        if args.method == "alt-lmu":
+        if lmu:
             scored = [r for r in rows if r.get("feedback") is not None and r.get("score") is not None]
             top = max((r["score"] for r in scored), default=None)
             write_json(exemplar, list(dict.fromkeys(r["feedback"] for r in scored if r["score"] == top)))
