@@ -138,6 +138,7 @@ def _perspective_scorer(qps):
         raise AltError("--scorer perspective needs PERSPECTIVE_API_KEY in the environment")
     url = os.environ.get("PERSPECTIVE_API_URL", PERSPECTIVE_URL).rstrip("/") + "/v1alpha1/comments:analyze"
     timeout, gap, last = float(os.environ.get("PERSPECTIVE_TIMEOUT", "30")), 1.0 / qps, [0.0]
+    head = {"Content-Type": "application/json", "X-Goog-Api-Key": key}  # a header: never in a URL an error may echo
     errors = collections.Counter()
 
     def one(text):
@@ -147,8 +148,7 @@ def _perspective_scorer(qps):
         for attempt in range(PERSPECTIVE_ATTEMPTS):
             time.sleep(max(0.0, last[0] + gap - time.monotonic()))  # --qps rate limit
             last[0], wait = time.monotonic(), gap * 2 ** attempt  # backoff in units of the rate-limit interval
-            try:  # the key travels in a header, never in a URL that an error message could echo
-                head = {"Content-Type": "application/json", "X-Goog-Api-Key": key}
+            try:
                 with urllib.request.urlopen(urllib.request.Request(url, body.encode(), head), timeout=timeout) as r:
                     v = float(json.loads(r.read())["attributeScores"]["TOXICITY"]["summaryScore"]["value"])
                 if 0.0 <= v <= 1.0:
@@ -194,10 +194,8 @@ def normalise(text):
 
 
 def parse_category(reply, categories):
-    """The category the judge's reply names, else None. Strict: normalised for case, punctuation and spaces (and an
-    optional leading "Feedback:"), the WHOLE reply must equal one category; extra words fail."""
-    norm = normalise(reply) if isinstance(reply, str) else ""
-    norm = norm[len("feedback "):] if norm.startswith("feedback ") else norm
+    """The category the WHOLE reply equals once normalised (case, punctuation, an optional "Feedback:"), else None."""
+    norm = (normalise(reply) if isinstance(reply, str) else "").removeprefix("feedback ")
     return next((c for c in categories if normalise(c) == norm), None)
 
 
