@@ -88,18 +88,14 @@ def make_scorer(spec, qps=1.0, batch_size=256):
 
         chunk = max(batch_size, 8192)  # a linear model: per-call overhead, not memory, limits the chunk size
         return lambda texts: [float(v) for i in range(0, len(texts), chunk) for v in predict_prob(texts[i:i + chunk])]
-    if spec.startswith("hf:"):
-        name, _, label = spec[3:].partition(":")
-        return _hf_scorer(name, label, batch_size)
     if spec == "perspective":
         return _perspective_scorer(qps)
-    raise AltError(f"unknown --scorer '{spec}' (profanity-check, hf:MODEL[:LABEL] or perspective)")
-
-
-def _hf_scorer(name, label, batch_size):
-    import torch
+    if not spec.startswith("hf:"):
+        raise AltError(f"unknown --scorer '{spec}' (profanity-check, hf:MODEL[:LABEL] or perspective)")
+    import torch  # hf:MODEL[:LABEL], a sequence classifier
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    name, _, label = spec[3:].partition(":")
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False)  # None would prompt "run custom code?"
         model = AutoModelForSequenceClassification.from_pretrained(name, trust_remote_code=False)
@@ -121,14 +117,14 @@ def _hf_scorer(name, label, batch_size):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).eval()
 
+    @torch.no_grad()
     def score(texts):
         out, order = [None] * len(texts), sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             enc = tok([texts[i] or " " for i in idx], padding=True, truncation=True, max_length=max_len,
                       return_tensors="pt").to(device)  # an empty y is scored as " ": zero tokens cannot be classified
-            with torch.no_grad():
-                logits = model(**enc).logits.float()  # (batch, num_labels)
+            logits = model(**enc).logits.float()  # (batch, num_labels)
             probs = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, -1)
             for i, v in zip(idx, probs[:, col].tolist()):
                 out[i] = v
@@ -142,6 +138,7 @@ def _perspective_scorer(qps):
         raise AltError("--scorer perspective needs PERSPECTIVE_API_KEY in the environment")
     url = os.environ.get("PERSPECTIVE_API_URL", PERSPECTIVE_URL).rstrip("/") + "/v1alpha1/comments:analyze"
     timeout, gap, last = float(os.environ.get("PERSPECTIVE_TIMEOUT", "30")), 1.0 / qps, [0.0]
+    head = {"Content-Type": "application/json", "X-Goog-Api-Key": key}  # a header: never in a URL an error may echo
     errors = collections.Counter()
 
     def one(text):
@@ -151,8 +148,7 @@ def _perspective_scorer(qps):
         for attempt in range(PERSPECTIVE_ATTEMPTS):
             time.sleep(max(0.0, last[0] + gap - time.monotonic()))  # --qps rate limit
             last[0], wait = time.monotonic(), gap * 2 ** attempt  # backoff in units of the rate-limit interval
-            try:  # the key travels in a header, never in a URL that an error message could echo
-                head = {"Content-Type": "application/json", "X-Goog-Api-Key": key}
+            try:
                 with urllib.request.urlopen(urllib.request.Request(url, body.encode(), head), timeout=timeout) as r:
                     v = float(json.loads(r.read())["attributeScores"]["TOXICITY"]["summaryScore"]["value"])
                 if 0.0 <= v <= 1.0:
@@ -198,10 +194,8 @@ def normalise(text):
 
 
 def parse_category(reply, categories):
-    """The category the judge's reply names, else None. Strict: normalised for case, punctuation and spaces (and an
-    optional leading "Feedback:"), the WHOLE reply must equal one category; extra words fail."""
-    norm = normalise(reply) if isinstance(reply, str) else ""
-    norm = norm[len("feedback "):] if norm.startswith("feedback ") else norm
+    """The category the WHOLE reply equals once normalised (case, punctuation, an optional "Feedback:"), else None."""
+    norm = (normalise(reply) if isinstance(reply, str) else "").removeprefix("feedback ")
     return next((c for c in categories if normalise(c) == norm), None)
 
 
@@ -232,13 +226,10 @@ def ask_judge(items, args, template, parse):
     from tqdm import tqdm
 
     keys = [cache_key(args.llm_model, template, x, y) for x, y in items]
-    cache = {}
-    if os.path.exists(args.cache):
-        rows = read_jsonl(args.cache, allow_empty=True, partial_ok=True)  # a killed run may tear the last line ...
-        with open(args.cache, "rb") as fh:
-            if fh.read()[-1:] not in (b"", b"\n"):
-                write_jsonl(args.cache, rows)  # ... which is dropped before we append after it
-        cache = {r.get("key"): r["reply"] for r in rows if parse(r.get("reply")) is not None}
+    rows = read_jsonl(args.cache, allow_empty=True, partial_ok=True) if os.path.exists(args.cache) else []
+    if os.path.exists(args.cache) and pathlib.Path(args.cache).read_bytes()[-1:] not in (b"", b"\n"):
+        write_jsonl(args.cache, rows)  # a killed run may tear the last line: drop it before we append after it
+    cache = {r.get("key"): r["reply"] for r in rows if parse(r.get("reply")) is not None}
     todo = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values())  # one ask per distinct (x, y)
     stats = collections.Counter(cached=len(items) - len(todo))
     client = openai.OpenAI(base_url=args.base_url, api_key=os.environ.get("OPENAI_API_KEY") or "unused",
@@ -261,6 +252,7 @@ def ask_judge(items, args, template, parse):
             if parse(reply) is not None:
                 return i, reply, got
             got["error_unparseable"] += 1
+        got["failed"] = 1
         return i, None, got
 
     os.makedirs(os.path.dirname(os.path.abspath(args.cache)), exist_ok=True)
@@ -269,11 +261,9 @@ def ask_judge(items, args, template, parse):
         for fut in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc="judge", mininterval=1):
             i, reply, got = fut.result()
             stats.update(got)
-            if reply is None:
-                stats["failed"] += 1
-                continue
-            cache[keys[i]] = reply
-            append_jsonl(fh, {"key": keys[i], "model": args.llm_model, "reply": reply})  # durable before we go on
+            if reply is not None:
+                cache[keys[i]] = reply
+                append_jsonl(fh, {"key": keys[i], "model": args.llm_model, "reply": reply})  # durable before we go on
     return [parse(cache[k]) if k in cache else None for k in keys], stats
 
 
@@ -284,18 +274,18 @@ def load_inputs(args, tags):
     if args.pool:
         pool = read_jsonl(args.pool, required=("prompt_id", "prompt", "generation", "reward", "feedback"),
                           allow_empty=True)
-        if os.path.exists(meta_path(args.pool)):
+        mp = meta_path(args.pool)
+        if os.path.exists(mp):
             try:
-                with open(meta_path(args.pool), encoding="utf-8") as fh:
-                    meta = json.load(fh)
+                meta = json.loads(pathlib.Path(mp).read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
-                raise AltError(f"{meta_path(args.pool)}: unreadable ({e})") from None
+                raise AltError(f"{mp}: unreadable ({e})") from None
             want = {"method": args.method} | ({"quantiles": args.quantiles, "scorer": args.scorer}
                                               if args.method in QUANTILE_METHODS else {})
             for key, val in want.items():
                 if meta.get(key) != val:
                     raise AltError(f"--pool {args.pool} was made with {key} {meta.get(key)!r}, this run uses {val!r} "
-                                   f"({meta_path(args.pool)})")
+                                   f"({mp})")
         for i, r in enumerate(pool, 1):
             if r["reward"] is not None and not (isinstance(r["reward"], (int, float)) and math.isfinite(r["reward"])):
                 raise AltError(f"{args.pool}:{i}: reward must be a finite number or null, got {r['reward']!r}")
@@ -314,7 +304,7 @@ def load_inputs(args, tags):
             raise AltError(f"{args.samples}:{i}: 'prompt' and 'generation' must be strings")
         if "iteration" in r and "sample_idx" in r and (r["prompt_id"], r["iteration"], r["sample_idx"]) in seen:
             raise AltError(f"{args.samples}:{i}: this (prompt_id, iteration, sample_idx) is already in --pool")
-    return pool, [dict(r) for r in new]
+    return pool, new
 
 
 def main(argv=None):
@@ -330,6 +320,7 @@ def main(argv=None):
         return
     if args.pool and os.path.abspath(args.pool) == os.path.abspath(args.out):
         raise AltError("--out must differ from --pool")
+    lmu, out_dir = args.method == "alt-lmu", os.path.dirname(os.path.abspath(args.out))
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
     if args.method == "steerlm" and categories != HH_CATEGORIES:
         raise AltError("steerlm maps exactly the 4 HH categories (App. D); do not change --categories")
@@ -341,11 +332,11 @@ def main(argv=None):
             raise AltError(f"--tags {args.tags!r}: need {args.quantiles} distinct tags (= --quantiles), best first: "
                            f"{' | '.join(TAG_SETS)} | a,b,c")
     else:
-        tags = None if args.method == "alt-lmu" else [STEERLM.get(c, c) if args.method == "steerlm" else c
-                                                      for c in categories]
+        tags = None if lmu else [STEERLM.get(c, c) if args.method == "steerlm" else c for c in categories]
     pool, new = load_inputs(args, tags)
     rows = pool + new
     counts = {"pool_rows": len(pool), "new_rows": len(new), "rows": len(rows)}
+    exemplar = tags[0] if tags else os.path.join(out_dir, "exemplars.json")  # f̂: the best tag, or alt-lmu's list
     llm = None
 
     if args.method in QUANTILE_METHODS:
@@ -356,8 +347,7 @@ def main(argv=None):
                            f"{' or --scope global' if args.scope == 'prompt' else ''})")
         score = make_scorer(args.scorer, qps=args.qps, batch_size=args.batch_size)
         print(f"scoring {len(new)} new rows with {args.scorer} ({len(pool)} pool rows keep their reward)")
-        tox = score([r["generation"] for r in new])
-        for r, t in zip(new, tox):
+        for r, t in zip(new, score([r["generation"] for r in new])):
             r["reward"] = 1.0 - t if t is not None and math.isfinite(t) else None  # r = 1 - toxicity
         counts["reward_null"] = sum(r["reward"] is None for r in new)
         counts |= {f"scorer_{k}": v for k, v in getattr(score, "errors", {}).items()}
@@ -365,26 +355,23 @@ def main(argv=None):
             raise AltError(f"scorer {args.scorer} could not score any of the {len(new)} new rows")
         for r, q in zip(rows, assign_quantiles(rows, args.quantiles, args.scope)):
             r["feedback"] = None if q is None else tags[q]
-        exemplar = tags[0]
     else:
-        default = "lmu_hh.txt" if args.method == "alt-lmu" else "lmc_hh.txt"
-        tpath = args.prompt_template or os.path.join(HERE, "prompts", default)
+        tpath = args.prompt_template or os.path.join(HERE, "prompts", "lmu_hh.txt" if lmu else "lmc_hh.txt")
         template = pathlib.Path(tpath).read_bytes().decode("utf-8", "replace") if os.path.isfile(tpath) else ""
         if "{prompt}" not in template or "{generation}" not in template or "\ufffd" in template:
             raise AltError(f"--prompt-template {tpath}: not a UTF-8 file with both {{prompt}} and {{generation}}")
         if not args.base_url and not os.environ.get("OPENAI_API_KEY"):
             raise AltError("set OPENAI_API_KEY in the environment, or --base-url for a local server")
-        args.cache = args.cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "llm_cache.jsonl")
-        args.max_tokens = args.max_tokens or (256 if args.method == "alt-lmu" else 16)
-        parse = parse_unconstrained if args.method == "alt-lmu" else lambda reply: parse_category(reply, categories)
+        args.cache = args.cache or os.path.join(out_dir, "llm_cache.jsonl")
+        args.max_tokens = args.max_tokens or (256 if lmu else 16)
+        parse = parse_unconstrained if lmu else lambda reply: parse_category(reply, categories)
         answers, stats = ask_judge([(r["prompt"], r["generation"]) for r in new], args, template, parse)
         for r, a in zip(new, answers):
-            if args.method == "alt-lmu":
+            if lmu:
                 r["feedback"], r["score"] = a or (None, None)
-                r["reward"] = None if a is None else float(a[1])
             else:
                 r["feedback"] = a if a is None or args.method == "alt-lmc" else STEERLM[a]
-                r["reward"] = None if a is None else float(len(categories) - 1 - categories.index(a))
+            r["reward"] = None if a is None else float(a[1] if lmu else len(categories) - 1 - categories.index(a))
         counts |= dict(sorted(stats.items()))
         print(f"judge {args.llm_model}: {stats['requests']} requests, {stats['cached']} cached, {stats['failed']} "
               f"failed; tokens: {stats['prompt_tokens']} prompt + {stats['completion_tokens']} completion")
@@ -393,8 +380,7 @@ def main(argv=None):
                            f"({', '.join(k for k in stats if k.startswith('error_'))}); is --base-url right?")
         llm = {"base_url": args.base_url, "model": args.llm_model, "template": tpath, "temperature": args.temperature,
                "template_sha256": hashlib.sha256(template.encode()).hexdigest(), "cache": args.cache}
-        exemplar = tags[0] if tags else os.path.join(os.path.dirname(os.path.abspath(args.out)), "exemplars.json")
-        if args.method == "alt-lmu":
+        if lmu:
             scored = [r for r in rows if r.get("feedback") is not None and r.get("score") is not None]
             top = max((r["score"] for r in scored), default=None)
             write_json(exemplar, list(dict.fromkeys(r["feedback"] for r in scored if r["score"] == top)))
