@@ -283,15 +283,6 @@ def load_fluency_lm(name, args):
 
 
 # ----------------------------------------------------------------------------- stage
-def resume_log(path, fingerprint):
-    """OUT/eval.partial.jsonl: finished sampling batches and scoring chunks, so a killed run resumes where it
-    stopped. Kept only when it was written under the same fingerprint; rewritten clean (a torn tail dropped)."""
-    log = common.read_jsonl(path, allow_empty=True, partial_ok=True) if os.path.exists(path) else []
-    log = log[1:] if log and log[0].get("fingerprint") == fingerprint else []
-    common.write_jsonl(path, [{"fingerprint": fingerprint}] + log)
-    return open(path, "a", encoding="utf-8"), log
-
-
 def score_texts(score, texts, args, log, done, tag):
     """score(texts) in resumable chunks of --score-batch-size, each logged as it finishes; a tqdm bar per text."""
     have = {r["chunk"]: r["scores"] for r in done if r.get("step") == tag}
@@ -329,13 +320,11 @@ def sample_rows(args, summary, log, done, counts):
           f"{f'drawn from {len(pool)} exemplars' if pool else repr(condition)}", file=sys.stderr)
     model, tok = common.load_policy(args.model, device=args.device, dtype=args.dtype,  # train.py saved any Quark tokens
                                     trust_remote_code=args.trust_remote_code)
-    stats = {}
-    outs = generate_batched(model, tok, [common.condition(p["prompt"], c) for p, c in zip(keep, conds)],
-                            args.num_samples, args.max_new_tokens, args.top_p, args.temperature, args.batch_size,
-                            args.seed, not args.no_progress, "sampling", stats=stats,
+    inputs, stats = [common.condition(p["prompt"], c) for p, c in zip(keep, conds)], {}
+    outs = generate_batched(model, tok, inputs, args.num_samples, args.max_new_tokens, args.top_p, args.temperature,
+                            args.batch_size, args.seed, not args.no_progress, stats=stats,
                             done={r["batch"]: r["results"] for r in done if r.get("step") == "sampling"},
-                            on_batch=lambda b, res: common.append_jsonl(log, {"step": "sampling", "batch": b,
-                                                                              "results": res}))
+                            on_batch=lambda b, r: common.append_jsonl(log, dict(step="sampling", batch=b, results=r)))
     counts["n_prompts_left_truncated"] = stats.get("prompts_truncated", 0)
     rows = [{"prompt_id": p["id"], "sample_idx": k, "prompt": p["prompt"], "condition": c, **y}
             for p, c, ys in zip(keep, conds, outs) for k, y in enumerate(ys)]
@@ -345,10 +334,8 @@ def sample_rows(args, summary, log, done, counts):
 def main(argv=None):
     args = parse_args(argv)
     eval_path, gen_path = os.path.join(args.out, "eval.json"), os.path.join(args.out, "generations.jsonl")
-    baseline = None
-    if args.baseline:
-        bpath = os.path.join(args.baseline, "eval.json") if os.path.isdir(args.baseline) else args.baseline
-        baseline = read_json_file(bpath, "the baseline eval.json")
+    bpath = os.path.join(args.baseline, "eval.json") if os.path.isdir(args.baseline or "") else args.baseline
+    baseline = read_json_file(bpath, "the baseline eval.json") if bpath else None
     if os.path.exists(eval_path) and not args.overwrite:
         print(format_table(read_json_file(eval_path, "eval.json"), baseline))
         print(f"evaluate.py: {eval_path} exists: done (--overwrite to redo)")
@@ -359,30 +346,28 @@ def main(argv=None):
         raise AltError(f"{summary_path}: expected a JSON object")
     fluency = resolve_fluency(args, summary)
     rows = read_generations(args.generations) if args.generations else None
-    need = rows is None or any(args.rescore or "toxicity" not in r for r in rows)
+    todo = None if rows is None else [i for i, r in enumerate(rows) if args.rescore or "toxicity" not in r]
     # scorers are built before sampling, so a bad spec or a missing API key fails at once, not after an hour
     score, extra_score = [make_scorer(spec, qps=args.qps, batch_size=args.score_batch_size) if spec else None
-                          for spec in (args.scorer if need else None, args.extra_scorer)]
+                          for spec in (args.scorer if todo != [] else None, args.extra_scorer)]
     fingerprint = {k: v for k, v in vars(args).items()  # what shapes the logged samples and scores
                    if k not in ("overwrite", "baseline", "no_progress", "fluency_model", "fluency_dtype",
                                 "ppl_batch_size")}
+    # OUT/eval.partial.jsonl: finished sampling batches and scoring chunks, kept when written under this fingerprint
     log_path = os.path.join(args.out, "eval.partial.jsonl")
-    log, done = resume_log(log_path, fingerprint)
+    done = common.read_jsonl(log_path, allow_empty=True, partial_ok=True) if os.path.exists(log_path) else []
+    done = done[1:] if done and done[0].get("fingerprint") == fingerprint else []
+    common.write_jsonl(log_path, [{"fingerprint": fingerprint}] + done)  # rewritten clean: a torn tail dropped
     counts, condition, pool = {}, None, None
-    with log:
-        if args.generations:
-            todo = [i for i, r in enumerate(rows) if args.rescore or "toxicity" not in r]
-        else:
+    with open(log_path, "a", encoding="utf-8") as log:
+        if rows is None:
             rows, condition, pool = sample_rows(args, summary, log, done, counts)
             todo = list(range(len(rows)))
-        if todo:
-            scores = score_texts(score, [rows[i]["generation"] for i in todo], args, log, done, "scoring")
-            for i, s in zip(todo, scores):
-                rows[i]["toxicity"] = s
-        if args.extra_scorer:
-            extra = score_texts(extra_score, [r["generation"] for r in rows], args, log, done, "scoring extra")
-            for r, s in zip(rows, extra):
-                r["extra_toxicity"] = s
+        for key, fn, idx, tag in (("toxicity", score, todo, "scoring"),
+                                  ("extra_toxicity", extra_score, range(len(rows)), "scoring extra")):
+            if fn is not None:
+                for i, s in zip(idx, score_texts(fn, [rows[i]["generation"] for i in idx], args, log, done, tag)):
+                    rows[i][key] = s
     for r in rows:
         r.pop("ppl", None)  # never report a stale fluency score brought in with --generations
     if fluency is not None:
