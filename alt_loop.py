@@ -54,7 +54,7 @@ def parse_args(argv=None):
     # ---- the experiment (defaults: the bundled toy, sized to finish in <= 10 min on 2 CPU cores)
     a("--method", default="alt-rm", choices=METHODS, help="feedback provider (paper: ALT_RM for toxicity); quark / "
       "steerlm are the paper's baselines, dpo runs baselines/dpo.py in the same loop")
-    a("--iterations", type=int, default=4, help="ALT iterations N (official toxicity run: 16 sampling stages, one every 2,000 steps; toy: 4)")
+    a("--iterations", type=int, default=3, help="ALT iterations N (official toxicity run: 16 sampling stages, one every 2,000 steps; toy: 3)")
     a("--model", default=TOY, help="the initial model p_0 (paper: GPT-2 large, 774M; toy: toy/model, 5.3M)")
     a("--train-prompts", default=here("toy", "prompts", "train.jsonl"),
       help="prompts x sampled every iteration (paper: the RealToxicityPrompts train split; toy: 600)")
@@ -63,9 +63,11 @@ def parse_args(argv=None):
     a("--out", default=None, help="run folder (default runs/toy-METHOD)")
     a("--num-samples", type=int, default=4, help="y per x per iteration (official code: one sweep of all train prompts per sampling stage; toy: 4)")
     a("--eval-samples", type=int, default=10, help="y per eval prompt (paper: 25; toy: 10 during the loop)")
-    a("--epochs", type=int, default=1, help="train.py passes over D_k per iteration")
-    a("--lr", type=float, default=1e-4, help="train.py learning rate (paper: 1e-5 for GPT-2 large; the toy LM is 140x "
-      "smaller and trains for few steps, so 10x)")
+    a("--train-samples", type=int, default=2400, help="rows of D_k drawn for each iteration's training (official code: "
+      "2,000 steps x batch 32 between sampling stages; toy: 2400 rows = 75 steps)")
+    a("--epochs", type=int, default=1, help="train.py passes over those rows per iteration")
+    a("--lr", type=float, default=1e-3, help="train.py learning rate (paper: 1e-5 for GPT-2 large; the toy LM is 140x "
+      "smaller, far from converged and trains 75 steps per iteration, so 100x)")
     a("--batch-size", type=int, default=32, help="train.py batch size (paper: 32)")
     a("--seed", type=int, default=0, help="seed passed to every stage")
     a("--launcher", default="python", choices=("python", "torchrun", "deepspeed"), help="how train.py is started")
@@ -166,6 +168,7 @@ def experiment(args):
                *shlex.split(args.feedback_args)), f"{it}/pool.jsonl")
         run(train_cmd(args, ["--data", f"{it}/pool.jsonl", "--model", prev_model, "--ref-model", p0,
                              "--out", f"{it}/model", "--epochs", args.epochs, "--lr", args.lr,
+                             "--max-samples", args.train_samples,
                              "--batch-size", args.batch_size, "--seed", args.seed + k,
                              *shlex.split(args.train_args)]), f"{it}/model/train_summary.json")
         run(py("evaluate.py", "--model", f"{it}/model", "--out", f"{it}/eval", *ev,
