@@ -168,7 +168,7 @@ def experiment(args):
                *shlex.split(args.feedback_args)), f"{it}/pool.jsonl")
         run(train_cmd(args, ["--data", f"{it}/pool.jsonl", "--model", prev_model, "--ref-model", p0,
                              "--out", f"{it}/model", "--epochs", args.epochs, "--lr", args.lr,
-                             "--max-samples", args.train_samples,
+                             *([] if args.method == "dpo" else ["--max-samples", args.train_samples]),  # DPO: 1 pair/x
                              "--batch-size", args.batch_size, "--seed", args.seed + k,
                              *shlex.split(args.train_args)]), f"{it}/model/train_summary.json")
         run(py("evaluate.py", "--model", f"{it}/model", "--out", f"{it}/eval", *ev,
