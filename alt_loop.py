@@ -65,7 +65,9 @@ def parse_args(argv=None):
     a("--eval-samples", type=int, default=10, help="y per eval prompt (paper: 25; toy: 10 during the loop)")
     a("--train-samples", type=int, default=2400, help="rows of D_k drawn for each iteration's training (official code: "
       "2,000 steps x batch 32 between sampling stages; toy: 2400 rows = 75 steps)")
-    a("--epochs", type=int, default=1, help="train.py passes over those rows per iteration")
+    a("--epochs", type=int, default=2, help="train.py passes over those rows per iteration (toy: 2)")
+    a("--train-top-p", type=float, default=0.9, help="nucleus p when sampling D (paper: 1.0; toy: 0.9, since the weak toy "
+      "LM's full-nucleus samples are mostly noise and fitting them costs fluency)")
     a("--lr", type=float, default=1e-3, help="train.py learning rate (paper: 1e-5 for GPT-2 large; the toy LM is 140x "
       "smaller, far from converged and trains 75 steps per iteration, so 100x)")
     a("--batch-size", type=int, default=32, help="train.py batch size (paper: 32)")
@@ -161,7 +163,7 @@ def experiment(args):
         it = f"{out}/iter_{k}"
         cond = [] if k == 1 or args.method == "dpo" else exemplar_flags(meta_path(prev_pool))
         run(py("sample.py", "--model", prev_model, "--prompts", args.train_prompts, "--out", f"{it}/samples.jsonl",
-               "--num-samples", args.num_samples, "--iteration", k, "--seed", args.seed + k, *cond,
+               "--num-samples", args.num_samples, "--top-p", args.train_top_p, "--iteration", k, "--seed", args.seed + k, *cond,
                *shlex.split(args.sample_args)), f"{it}/samples.jsonl")
         run(py("feedback.py", "--method", fb_method, "--samples", f"{it}/samples.jsonl",
                *(["--pool", prev_pool] if prev_pool else []), "--out", f"{it}/pool.jsonl", *llm,
