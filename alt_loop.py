@@ -54,14 +54,16 @@ def parse_args(argv=None):
     # ---- the experiment (defaults: the bundled toy, sized to finish in <= 10 min on 2 CPU cores)
     a("--method", default="alt-rm", choices=METHODS, help="feedback provider (paper: ALT_RM for toxicity); quark / "
       "steerlm are the paper's baselines, dpo runs baselines/dpo.py in the same loop")
-    a("--iterations", type=int, default=3, help="ALT iterations N (official toxicity run: 16 sampling stages, one every 2,000 steps; toy: 3)")
+    a("--iterations", type=int, default=3,
+      help="ALT iterations N (official toxicity run: 16 sampling stages, one every 2,000 steps; toy: 3)")
     a("--model", default=TOY, help="the initial model p_0 (paper: GPT-2 large, 774M; toy: toy/model, 5.3M)")
     a("--train-prompts", default=here("toy", "prompts", "train.jsonl"),
       help="prompts x sampled every iteration (paper: the RealToxicityPrompts train split; toy: 600)")
     a("--eval-prompts", default=here("toy", "prompts", "val.jsonl"),
       help="held-out prompts evaluated after every iteration (official code: a 5k RTP val split; toy: 100)")
     a("--out", default=None, help="run folder (default runs/toy-METHOD)")
-    a("--num-samples", type=int, default=4, help="y per x per iteration (official code: one sweep of all train prompts per sampling stage; toy: 4)")
+    a("--num-samples", type=int, default=4,
+      help="y per x per iteration (official code: one sweep of all train prompts per sampling stage; toy: 4)")
     a("--eval-samples", type=int, default=10, help="y per eval prompt (paper: 25; toy: 10 during the loop)")
     a("--train-samples", type=int, default=2400, help="rows of D_k drawn for each iteration's training (official code: "
       "2,000 steps x batch 32 between sampling stages; toy: 2400 rows = 75 steps)")
@@ -163,7 +165,8 @@ def experiment(args):
         it = f"{out}/iter_{k}"
         cond = [] if k == 1 or args.method == "dpo" else exemplar_flags(meta_path(prev_pool))
         run(py("sample.py", "--model", prev_model, "--prompts", args.train_prompts, "--out", f"{it}/samples.jsonl",
-               "--num-samples", args.num_samples, "--top-p", args.train_top_p, "--iteration", k, "--seed", args.seed + k, *cond,
+               "--num-samples", args.num_samples, "--top-p", args.train_top_p, "--iteration", k,
+               "--seed", args.seed + k, *cond,
                *shlex.split(args.sample_args)), f"{it}/samples.jsonl")
         run(py("feedback.py", "--method", fb_method, "--samples", f"{it}/samples.jsonl",
                *(["--pool", prev_pool] if prev_pool else []), "--out", f"{it}/pool.jsonl", *llm,
