@@ -30,24 +30,8 @@ import common  # noqa: E402
 import train  # noqa: E402
 from baselines import dpo, ppo  # noqa: E402
 from feedback import TAG_SETS  # noqa: E402
+from bench_train import toy_model  # noqa: E402  (the same toy-or-random model as the train bench)
 from sample import generate_batched  # noqa: E402
-
-
-def toy_model(tmp):
-    """toy/model when it has been built, else a random model of its shape (4 x 256, own 8k BPE)."""
-    path = os.path.join(ROOT, "toy", "model")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path, "toy/model"
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from toy.build_toy_model import train_tokenizer
-
-    texts = [r["prompt"] for r in common.load_prompts(os.path.join(ROOT, "toy", "prompts", "train.jsonl"))]
-    tok = train_tokenizer(texts * 4, vocab_size=8192)
-    tok.save_pretrained(tmp)
-    GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab_size=len(tok),
-                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(tmp)
-    return tmp, "random toy-shaped model (toy/model not built)"
 
 
 def main():

@@ -27,9 +27,10 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 import train  # noqa: E402
+from feedback import TAG_SETS  # noqa: E402
 from sample import generate_batched  # noqa: E402
 
-TAGS = ["Lowest Toxicity", "Low-Moderate Toxicity", "Moderate Toxicity", "High-Moderate Toxicity", "Maximum Toxicity"]
+TAGS = TAG_SETS["toxicity"]
 
 
 def toy_model(tmp):
