@@ -46,3 +46,21 @@ def shared_data():
     if not os.path.isdir(SHARED):
         pytest.skip("../shared/data is absent (only developers and CI have it)")
     return SHARED
+
+
+def run_cli(stage, argv, monkeypatch, capture):
+    """A stage's CLI in-process, as `python stage.py ARGV` runs it: (exit code, stdout, stderr).
+    `capture` is pytest's capsys or capfd fixture."""
+    import importlib
+
+    import common
+
+    monkeypatch.setattr(sys, "argv", [f"{stage}.py"])
+    capture.readouterr()
+    try:
+        common.cli(lambda: importlib.import_module(stage).main(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capture.readouterr()
+    return code, out, err

@@ -17,10 +17,9 @@ import evaluate
 import feedback
 import sample
 import train
-from conftest import ROOT, tiny_texts
+from conftest import ROOT, run_cli, tiny_texts
 from stub_servers import judge_target, openai_stub, perspective_stub
 
-STAGES = {"sample": sample, "feedback": feedback, "train": train, "evaluate": evaluate}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,19 +39,6 @@ def write(path, text):
 
 def jsonl(path, rows):
     return write(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def run_cli(stage, argv, monkeypatch, capsys):
-    """A stage's CLI in-process, as `python stage.py ARGV` runs it: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", [f"{stage}.py"])
-    capsys.readouterr()
-    try:
-        common.cli(lambda: STAGES[stage].main(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def pool_rows(n, tags=("A", "B", "C"), **override):

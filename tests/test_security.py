@@ -18,10 +18,9 @@ import evaluate
 import feedback
 import sample
 import train
-from conftest import ROOT, tiny_texts
+from conftest import ROOT, run_cli, tiny_texts
 from stub_servers import judge_target, openai_stub, perspective_stub
 
-STAGES = {"sample": sample, "feedback": feedback, "train": train, "evaluate": evaluate}
 OPENAI_SENTINEL = "sk-SENTINEL-openai-4d1c9b-never-log-me"
 PERSPECTIVE_SENTINEL = "AIza-SENTINEL-perspective-81e2f0-never-log-me"
 
@@ -30,19 +29,6 @@ def jsonl(path, rows):
     with open(path, "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
     return str(path)
-
-
-def run_cli(stage, argv, monkeypatch, capfd):
-    """A stage's CLI in-process: (exit code, stdout, stderr), captured at the file descriptors."""
-    monkeypatch.setattr(sys, "argv", [f"{stage}.py"])
-    capfd.readouterr()
-    try:
-        common.cli(lambda: STAGES[stage].main(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capfd.readouterr()
-    return code, out, err
 
 
 def every_byte_written(folder):
