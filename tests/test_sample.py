@@ -140,6 +140,60 @@ def test_control_tokens_are_never_generated(policy):
     assert all(y["num_tokens"] > 0 and y["generation"] for ys in res for y in ys)
 
 
+def nucleus(logits, top_p, temperature):
+    """Brute force: softmax(logits / T), keep the most likely tokens until their mass reaches top_p, renormalise."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    keep, mass = set(), 0.0
+    for i in sorted(range(len(p)), key=lambda i: -float(p[i])):
+        if mass >= top_p:
+            break
+        keep.add(i)
+        mass += float(p[i])
+    q = torch.tensor([float(p[i]) if i in keep else 0.0 for i in range(len(p))], dtype=torch.float64)
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("top_p,temperature", [(1.0, 1.0), (0.8, 1.0), (0.9, 0.6), (1.0, 1.7)])
+def test_sampler_draws_the_nucleus_distribution_exactly(top_p, temperature):
+    logits = torch.tensor([2.0, 0.5, -float("inf"), 1.0, 0.0, -1.0, 1.9, -3.0])  # token 2 is suppressed
+    n = 200_000
+    torch.manual_seed(0)
+    scores = sample.sampler(top_p, temperature)(torch.zeros(n, 1, dtype=torch.long), logits.repeat(n, 1))
+    assert (scores.isfinite().sum(1) == 1).all() and (scores.max(1).values == 0).all()  # exactly one pick per row
+    freq = torch.bincount(scores.argmax(1), minlength=len(logits)).double() / n
+    want = nucleus(logits, top_p, temperature)
+    assert (freq[want == 0] == 0).all()  # never outside the nucleus, never the -inf token
+    sigma = (want * (1 - want) / n).sqrt()
+    assert ((freq - want).abs() <= 5 * sigma + 1e-12).all(), (freq, want)
+
+
+def test_inverse_cdf_never_picks_a_zero_probability_token_at_the_edge(monkeypatch):
+    logits = torch.tensor([[0.0, 0.0, -float("inf")]])  # the last token has probability 0
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(*a[:2], dtype=k.get("dtype")))  # u = 1 exactly
+    scores = sample.InverseCdfSampler()(None, logits)
+    assert int(scores.argmax()) in (0, 1)
+
+
+def test_first_token_frequencies_match_the_model_softmax(policy):
+    """End to end through generate: suppression, temperature and top-p are applied in that order before the draw."""
+    model, tok = policy
+    scrambled(model, std=0.3)
+    x = "the cat sat on"
+    n, top_p, temperature = 6000, 0.9, 0.8
+    res = sample.generate_batched(model, tok, [x], num_samples=n, max_new_tokens=1, top_p=top_p,
+                                  temperature=temperature, batch_size=1, progress=False, return_ids=True)
+    with torch.no_grad():
+        logits = model(**tok([x], return_tensors="pt")).logits[0, -1].double()
+    logits[common.control_token_ids(tok)] = -float("inf")
+    want = nucleus(logits, top_p, temperature)
+    eos = tok.eos_token_id
+    firsts = [y["ids"][0] if y["ids"] else eos for y in res[0]]  # an empty y means EOS was drawn
+    freq = torch.bincount(torch.tensor(firsts), minlength=len(want)).double() / n
+    assert (freq[want == 0] == 0).all()
+    assert 2 < int((want > 0).sum()) < len(want)  # the nucleus is neither trivial nor the whole vocabulary
+    assert 0.5 * (freq - want).abs().sum() < 0.06  # total variation: noise ~0.03; T=1 gives 0.21, top_p=1 0.10
+
+
 @pytest.mark.parametrize("eos_bias", [-50.0, 3.0, 50.0])
 def test_truncated_and_num_tokens_match_the_generated_ids(policy, eos_bias):
     model, tok = policy
