@@ -135,7 +135,9 @@ class InverseCdfSampler(LogitsProcessor):
         cdf = probs.cumsum(-1)  # float32 rounding moves a token's share by ~1e-7 x sqrt(V): far below sampling noise
         u = torch.rand(len(cdf), 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
         pick = torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[1] - 1)  # first index with cdf > u
-        pick = torch.where(probs.gather(1, pick) > 0, pick, probs.argmax(-1, keepdim=True))  # u rounded up to 1
+        bad = probs.gather(1, pick) == 0  # only when u * total rounds up to the total: take the likeliest token
+        if bad.any():
+            pick = torch.where(bad, probs.argmax(-1, keepdim=True), pick)
         return torch.full_like(scores, -float("inf")).scatter_(1, pick, 0.0)
 
 
