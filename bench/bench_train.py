@@ -137,7 +137,7 @@ def main():
     t_start = time.time()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    steps, reps, B = (3, 1, 32) if args.quick else (10, 3, 32)  # B: train.py's default, the paper's batch
+    steps, reps, B = (3, 1, 32) if args.quick else (6, 5, 32)  # B: train.py's default, the paper's batch
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, model_name = toy_model(os.path.join(tmp, "toy"))
         pool = os.path.join(tmp, "pool.jsonl")
