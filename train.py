@@ -209,8 +209,9 @@ def alt_loss(logits, ref_logits, targets, resp_mask):
 
 
 # ----------------------------------------------------------------------------- checkpoints (resume)
-def save_checkpoint(out, model, tok, state, rank, barrier):
-    """Write DIR/checkpoint.tmp (weights safetensors, state.pt, one rng file per rank), then swap it in."""
+def save_checkpoint(out, model, tok, state, rank, barrier, zero=None):
+    """Write DIR/checkpoint.tmp (weights safetensors, state.pt, one file per rank: RNG and, under DeepSpeed, that rank's
+    ZeRO partition of Adam's moments and fp32 weights, `zero`), then swap it in."""
     ck, tmp = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -219,7 +220,8 @@ def save_checkpoint(out, model, tok, state, rank, barrier):
         torch.save(state, os.path.join(tmp, "state.pt"))
     barrier()
     cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
-    torch.save({"torch": torch.get_rng_state(), **cuda}, os.path.join(tmp, f"rng_{rank}.pt"))
+    torch.save({"torch": torch.get_rng_state(), **cuda, **({"zero": zero} if zero else {})},
+               os.path.join(tmp, f"rng_{rank}.pt"))
     barrier()
     if rank == 0:  # rename is atomic; a crash between the two renames leaves checkpoint.old, which resume reads
         if os.path.isdir(ck):
@@ -250,7 +252,19 @@ def load_checkpoint(ck, rank, optimizer, scheduler, fingerprint):
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return state["step"], state["beta"], state["alpha"]
+    return state["step"], state["beta"], state["alpha"], rng.get("zero")
+
+
+def zero_state(optimizer, load=None):
+    """This rank's ZeRO shard as plain tensors: the inner AdamW state and the fp32 master partition. DeepSpeed's own
+    checkpoint pickles Python objects, which a resume would have to unpickle; these load with weights_only=True."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO-1/2 wrap our AdamW; stage 0 hands it back as it is
+    parts = getattr(optimizer, "single_partition_of_fp32_groups", [])
+    if load is None:
+        return {"adam": inner.state_dict(), "fp32": [t.detach().cpu() for t in parts]}
+    inner.load_state_dict(load["adam"])
+    for mine, saved in zip(parts, load["fp32"]):
+        mine.data.copy_(saved)
 
 
 def deepspeed_engine(path, model, optimizer, scheduler, want, bf16):
@@ -264,6 +278,8 @@ def deepspeed_engine(path, model, optimizer, scheduler, want, bf16):
             cfg[k] = v
         elif cfg[k] != v:
             raise AltError(f"{path}: {k}={cfg[k]} disagrees with the flags ({v}); set it to \"auto\"")
+    if cfg.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise AltError(f"{path}: ZeRO stage 3 is not supported (its sharded weights would need gathering to save)")
     for k in ("bf16", "fp16"):
         if cfg.get(k, {}).get("enabled") == "auto":
             cfg[k]["enabled"] = bf16 and k == "bf16"
@@ -358,14 +374,17 @@ def main(argv=None):
                        steps=total_steps, lr=args.lr, seed=args.seed)
     step, beta, alpha = 0, args.beta, args.alpha
     common.seed_everything(args.seed + rank)  # ranks draw different dropout masks; a resume restores the RNG
+    zero = None
     if ck:
-        step, beta, alpha = load_checkpoint(ck, rank, optimizer, scheduler, fingerprint)
+        step, beta, alpha, zero = load_checkpoint(ck, rank, optimizer, scheduler, fingerprint)
     fwd = model
     if args.deepspeed:
         want = dict(train_micro_batch_size_per_gpu=B, gradient_accumulation_steps=A, train_batch_size=G,
                     gradient_clipping=args.max_grad_norm or 0.0)
         fwd, optimizer, scheduler, ds_bf16 = deepspeed_engine(args.deepspeed, model, optimizer, scheduler, want, bf16)
         bf16 = bf16 and not ds_bf16  # DeepSpeed's own bf16 weights replace autocast
+        if zero:
+            zero_state(optimizer, load=zero)
     elif world > 1:
         fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None)
 
@@ -441,9 +460,10 @@ def main(argv=None):
             os.kill(os.getpid(), signal.SIGKILL)
         if step % args.save_every == 0 and step < total_steps:
             state = dict(step=step, beta=beta, alpha=alpha, fingerprint=fingerprint, scheduler=scheduler.state_dict())
-            if not args.deepspeed:  # ZeRO's partitioned optimizer state is pickle-only: a resume restarts Adam moments
+            if not args.deepspeed:  # under DeepSpeed each rank saves its own shard instead (zero_state)
                 state["optimizer"] = optimizer.state_dict()
-            save_checkpoint(args.out, model, tok, state, rank, barrier)
+            zero = zero_state(optimizer) if args.deepspeed else None
+            save_checkpoint(args.out, model, tok, state, rank, barrier, zero)
     bar.close()
 
     # ---- outputs: the model, then the summary (its presence marks --out finished)
