@@ -122,7 +122,7 @@ def floor():
     """max_new_tokens forward passes of one full batch (B*K rows, 1 token, no cache): the matmuls alone."""
     x = torch.full((B * K, 1), tok.eos_token_id, device=model.device)
     for _ in range(N):
-        model(input_ids=x, use_cache=False)
+        model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
 
 
 floor()
