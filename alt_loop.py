@@ -23,7 +23,6 @@ Launch:
 """
 import argparse
 import glob
-import json
 import os
 import shlex
 import subprocess
@@ -122,18 +121,10 @@ def train_cmd(args, flags):
 
 def exemplar_flags(meta_file):
     """f̂ for the next sampling step, from the previous pool's meta: a tag, or (ALT_LMU) a pool of exemplars."""
-    ex = read_json(meta_file).get("exemplar")
+    ex = common.read_json(meta_file).get("exemplar")
     if ex is None:
         raise AltError(f"{meta_file}: no exemplar feedback recorded")
     return ["--condition-pool", ex] if ex.endswith(".json") else ["--condition", ex]
-
-
-def read_json(path):
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, json.JSONDecodeError) as e:
-        raise AltError(f"{path}: cannot read JSON ({e})") from None
 
 
 def check_config(args):
@@ -141,7 +132,7 @@ def check_config(args):
     keep = {k: v for k, v in vars(args).items() if k not in ("compare", "iterations")}
     path = os.path.join(args.out, "config.json")
     if os.path.exists(path):
-        old = {k: v for k, v in read_json(path).items() if k != "iterations"}
+        old = {k: v for k, v in common.read_json(path).items() if k != "iterations"}
         diff = [f"--{k.replace('_', '-')} {keep.get(k)!r} (was {old.get(k)!r})" for k in sorted(set(old) | set(keep))
                 if old.get(k) != keep.get(k)]
         if diff:
@@ -191,12 +182,12 @@ def collect(run_dir):
         if not os.path.isdir(it):
             break
         summary = os.path.join(it, "model", "train_summary.json")
-        if os.path.exists(summary) and "generations_sampled" in read_json(summary):
-            sampled = read_json(summary)["generations_sampled"]  # online methods (PPO) count their own rollouts
+        if os.path.exists(summary) and "generations_sampled" in common.read_json(summary):  # online methods (PPO)
+            sampled = common.read_json(summary)["generations_sampled"]  # count their own rollouts
         elif os.path.exists(os.path.join(it, "samples.jsonl")):
             sampled += len(common.read_jsonl(os.path.join(it, "samples.jsonl"), allow_empty=True))
         if os.path.exists(os.path.join(it, "eval", "eval.json")):
-            rows.append((k, read_json(os.path.join(it, "eval", "eval.json")), sampled))
+            rows.append((k, common.read_json(os.path.join(it, "eval", "eval.json")), sampled))
     return rows
 
 

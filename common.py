@@ -109,6 +109,23 @@ def write_json(path, obj):
         fh.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def read_json(path, kind=dict):
+    """A whole JSON file (config, meta, summary) -> its value, a `kind`; any failure is one error naming the file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = json.load(fh)
+    except OSError as e:
+        raise AltError(f"{path}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise AltError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise AltError(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x})") from None
+    if not isinstance(value, kind):
+        raise AltError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, "
+                       f"got {type(value).__name__}")
+    return value
+
+
 def append_jsonl(fh, row):
     """Append one row to an open log and make it durable now (side files, LLM caches); read back with partial_ok."""
     fh.write(json.dumps(row, ensure_ascii=False) + "\n")

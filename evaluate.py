@@ -21,7 +21,6 @@ For each prompt x, K samples y_k ~ p_θ(· | condition(x, f̂)), f̂ = the model
     dist-n           = mean_x |distinct n-grams over x's y_k| / sum_k |y_k.split(' ')|  (one denominator, n = 1, 2, 3)
 """
 import argparse
-import json
 import math
 import os
 import random
@@ -208,14 +207,6 @@ def format_table(result, baseline=None):
 
 
 # ----------------------------------------------------------------------------- inputs
-def read_json_file(path, what):
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, ValueError) as e:
-        raise AltError(f"{path}: cannot read {what} ({e})") from None
-
-
 def read_generations(path):
     """A generations JSONL -> flat rows, each validated; errors name the file and row."""
     rows = []
@@ -335,15 +326,13 @@ def main(argv=None):
     args = parse_args(argv)
     eval_path, gen_path = os.path.join(args.out, "eval.json"), os.path.join(args.out, "generations.jsonl")
     bpath = os.path.join(args.baseline, "eval.json") if os.path.isdir(args.baseline or "") else args.baseline
-    baseline = read_json_file(bpath, "the baseline eval.json") if bpath else None
+    baseline = common.read_json(bpath) if bpath else None
     if os.path.exists(eval_path) and not args.overwrite:
-        print(format_table(read_json_file(eval_path, "eval.json"), baseline))
+        print(format_table(common.read_json(eval_path), baseline))
         print(f"evaluate.py: {eval_path} exists: done (--overwrite to redo)")
         return
     summary_path = os.path.join(args.model or "", "train_summary.json")
-    summary = read_json_file(summary_path, "the training summary") if os.path.isfile(summary_path) else {}
-    if not isinstance(summary, dict):
-        raise AltError(f"{summary_path}: expected a JSON object")
+    summary = common.read_json(summary_path) if os.path.isfile(summary_path) else {}
     fluency = resolve_fluency(args, summary)
     rows = read_generations(args.generations) if args.generations else None
     todo = None if rows is None else [i for i, r in enumerate(rows) if args.rescore or "toxicity" not in r]

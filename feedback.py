@@ -35,7 +35,7 @@ import urllib.error, urllib.request  # noqa: E401
 
 import numpy as np
 
-from common import AltError, append_jsonl, cli, quantile_token, read_jsonl, write_json, write_jsonl
+from common import AltError, append_jsonl, cli, quantile_token, read_json, read_jsonl, write_json, write_jsonl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TAG_SETS = {"toxicity": ["Lowest Toxicity", "Low-Moderate Toxicity", "Moderate Toxicity", "High-Moderate Toxicity",
@@ -276,10 +276,7 @@ def load_inputs(args, tags):
                           allow_empty=True)
         mp = meta_path(args.pool)
         if os.path.exists(mp):
-            try:
-                meta = json.loads(pathlib.Path(mp).read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise AltError(f"{mp}: unreadable ({e})") from None
+            meta = read_json(mp)
             want = {"method": args.method} | ({"quantiles": args.quantiles, "scorer": args.scorer}
                                               if args.method in QUANTILE_METHODS else {})
             for key, val in want.items():

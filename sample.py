@@ -263,13 +263,7 @@ def merge(out, overwrite=False):
 
 # ----------------------------------------------------------------------------- main
 def load_condition_pool(path):
-    try:
-        with open(path, encoding="utf-8") as fh:
-            pool = json.load(fh)
-    except OSError as e:
-        raise AltError(f"{path}: cannot read ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise AltError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    pool = common.read_json(path, kind=object)  # the shape is checked below, with its own message
     if not isinstance(pool, list) or not pool or not all(isinstance(f, str) and f.strip() for f in pool):
         raise AltError(f"{path}: expected a non-empty JSON list of non-empty strings")
     return pool

@@ -22,7 +22,7 @@ Token layout: each prefix (condition(x, f) for p_θ, x alone for p_0) and y are 
 y's ids are identical in both encodings. A batch left-pads the prefixes and right-pads y: y starts in the same column
 P of every row, and one [B, R] response mask serves both models.
 """
-import argparse, contextlib, json, math, os, random, shutil, signal, time  # noqa: E401
+import argparse, contextlib, math, os, random, shutil, signal, time  # noqa: E401
 
 import torch
 
@@ -79,15 +79,9 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- data: D_k -> token ids
 def read_meta(pool):
     path = meta_path(pool)
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as fh:
-            meta = json.load(fh)
-    except (OSError, ValueError) as e:
-        raise AltError(f"{path}: cannot read the pool meta ({e})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("tags") or [], list):
-        raise AltError(f"{path}: expected a JSON object whose 'tags' is a list")
+    meta = common.read_json(path) if os.path.exists(path) else {}
+    if not isinstance(meta.get("tags") or [], list):
+        raise AltError(f"{path}: 'tags' must be a list")
     return meta
 
 
@@ -271,8 +265,7 @@ def deepspeed_engine(path, model, optimizer, scheduler, want, bf16):
     """deepspeed.initialize around our model/AdamW/schedule; "auto" config values come from the flags (`want`)."""
     import deepspeed
 
-    with open(path) as fh:
-        cfg = json.load(fh)
+    cfg = common.read_json(path)
     for k, v in want.items():
         if cfg.setdefault(k, "auto") == "auto":
             cfg[k] = v

@@ -49,7 +49,6 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import common  # noqa: E402
 import train  # noqa: E402
-from alt_loop import read_json  # noqa: E402
 from common import AltError  # noqa: E402
 from feedback import make_scorer  # noqa: E402
 from sample import generate_batched  # noqa: E402
@@ -283,7 +282,7 @@ def main(argv=None):
     if args.overwrite:
         for d in glob.glob(os.path.join(args.out, "iter_*")) + glob.glob(os.path.join(args.out, "ppo_*.json*")):
             shutil.rmtree(d) if os.path.isdir(d) else os.remove(d)
-    if os.path.exists(done_path) and read_json(done_path)["updates"] >= args.updates:
+    if os.path.exists(done_path) and common.read_json(done_path)["updates"] >= args.updates:
         if args.eval:
             evaluate_all(args)
         return print("done")

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import common  # noqa: E402
-from sample import generate_batched, plan_batches  # noqa: E402
+from sample import generate_batched  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--model", default=os.path.join(ROOT, "toy", "model"), help="policy (default toy/model, else random)")

@@ -152,3 +152,19 @@ def test_bad_ids_and_unwritable_outputs_are_clear_errors(tmp_path):
     blocker.write_text("x")
     with pytest.raises(AltError, match="cannot write"):
         common.write_jsonl(str(blocker / "sub" / "out.jsonl"), [{"a": 1}])
+
+
+def test_read_json_errors_name_the_file_and_line(tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text('{"a": [1, 2]}')
+    assert common.read_json(str(good)) == {"a": [1, 2]}
+    cases = [("missing.json", None, r"missing\.json: cannot read \(No such file"),
+             ("bad.json", b'{\n  "a": 1,\n  "b": \n}', r"bad\.json:4: malformed JSON \(Expecting value\)"),
+             ("latin1.json", b'{"a": "caf\xe9"}', r"latin1\.json: not valid UTF-8 \(byte 0xe9\)"),
+             ("list.json", b"[1, 2]", r"list\.json: expected a JSON object, got list")]
+    for name, content, msg in cases:
+        if content is not None:
+            (tmp_path / name).write_bytes(content)
+        with pytest.raises(AltError, match=msg):
+            common.read_json(str(tmp_path / name))
+    assert common.read_json(str(tmp_path / "list.json"), kind=list) == [1, 2]

@@ -210,7 +210,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(AltError, match="unknown --scorer 'nope'"):  # before any work, not after sampling
         evaluate.main(["--generations", unscored, "--out", str(tmp_path / "o"), "--scorer", "nope",
                        "--fluency-model", "none"])
-    with pytest.raises(AltError, match="cannot read the baseline"):
+    with pytest.raises(AltError, match="nope.json: cannot read"):
         evaluate.main(["--generations", good, "--out", str(tmp_path / "o"), "--fluency-model", "none",
                        "--baseline", str(tmp_path / "nope.json")])
     for argv in (["--out", "o"], ["--model", "m", "--generations", good, "--out", "o"],

@@ -15,8 +15,6 @@ import torch
 import common
 import evaluate
 import feedback
-import sample
-import train
 from conftest import ROOT, run_cli, tiny_texts
 from stub_servers import judge_target, openai_stub, perspective_stub
 
@@ -216,7 +214,7 @@ def test_more_bad_inputs_found_by_this_suite(tiny_model_dir, tmp_path, monkeypat
         ("evaluate", ["--generations", gens, "--out", str(tmp_path / "ev"), "--fluency-model", "none"],
          f"evaluate.py: error: {gens}: row 1: 'prompt_id' must be an integer or a string"),
         ("evaluate", ["--model", str(model), "--out", str(tmp_path / "ev"), "--fluency-model", "none"],
-         f"evaluate.py: error: {model / 'train_summary.json'}: expected a JSON object"),
+         f"evaluate.py: error: {model / 'train_summary.json'}: expected a JSON object, got list"),
         ("train", ["--data", pool, "--model", tiny_model_dir, "--out", str(tmp_path / "t"), "--batch-size", "4"],
          f"train.py: error: {ck}: unreadable resume state (UnpicklingError); rerun with --overwrite"),
     ]

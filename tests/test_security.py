@@ -15,7 +15,6 @@ import torch
 
 import common
 import evaluate
-import feedback
 import sample
 import train
 from conftest import ROOT, run_cli, tiny_texts

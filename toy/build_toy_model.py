@@ -15,7 +15,6 @@ Objective: the next-token loss of p_0 on packed blocks, -1/T sum_t log p_0(w_t |
 <|endoftext|>. Validation: perplexity exp(loss) on a held-out slice of RTP prompt+continuation rows.
 """
 import argparse
-import json
 import math
 import os
 import random
