@@ -133,11 +133,10 @@ class InverseCdfSampler(LogitsProcessor):
     def __call__(self, input_ids, scores):  # scores: (rows, V), after suppression, temperature and top-p
         probs = scores.float().softmax(-1)
         cdf = probs.cumsum(-1)  # float32 rounding moves a token's share by ~1e-7 x sqrt(V): far below sampling noise
-        u = torch.rand(len(cdf), 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
-        pick = torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[1] - 1)  # first index with cdf > u
-        bad = probs.gather(1, pick) == 0  # only when u * total rounds up to the total: take the likeliest token
-        if bad.any():
-            pick = torch.where(bad, probs.argmax(-1, keepdim=True), pick)
+        total = cdf[:, -1:]
+        u = torch.rand(len(cdf), 1, device=cdf.device, dtype=cdf.dtype) * total
+        u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # u < total, even when rand * total rounds up
+        pick = torch.searchsorted(cdf, u, right=True)  # first index with cdf > u: its cdf rose there, so p > 0
         return torch.full_like(scores, -float("inf")).scatter_(1, pick, 0.0)
 
 

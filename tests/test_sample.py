@@ -171,7 +171,7 @@ def test_inverse_cdf_never_picks_a_zero_probability_token_at_the_edge(monkeypatc
     logits = torch.tensor([[0.0, 0.0, -float("inf")]])  # the last token has probability 0
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(*a[:2], dtype=k.get("dtype")))  # u = 1 exactly
     scores = sample.InverseCdfSampler()(None, logits)
-    assert int(scores.argmax()) in (0, 1)
+    assert int(scores.argmax()) == 1 and scores[0, 2] == -float("inf")  # u just below the total: the last real token
 
 
 def test_first_token_frequencies_match_the_model_softmax(policy):
