@@ -40,6 +40,18 @@ def tiny_model_dir(tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: the tiny model gains nothing from more, and killed subprocesses run with
+    OMP_NUM_THREADS=1, so a resumed run then matches an uninterrupted one bit for bit."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     """../shared/data beside the repo; tests that need it skip cleanly in a user's fresh clone."""

@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 import common
 import evaluate
@@ -18,15 +17,7 @@ import feedback
 from conftest import ROOT, run_cli, tiny_texts
 from stub_servers import judge_target, openai_stub, perspective_stub
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread, as the killed subprocesses (OMP_NUM_THREADS=1): a resumed run then matches bit for bit."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write(path, text):

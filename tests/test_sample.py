@@ -15,6 +15,7 @@ import sample
 from common import SEPARATOR, AltError
 from conftest import ROOT, tiny_texts
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 KEYS = {"prompt_id", "sample_idx", "prompt", "generation", "condition", "iteration", "truncated", "num_tokens"}
 
 
@@ -65,15 +66,6 @@ def scrambled(model, std=0.5):
             if p.dim() == 2:
                 p.normal_(0, std)
     return model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model gains nothing from threads; on a shared 2-core machine they only spin against each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture()
