@@ -182,8 +182,9 @@ def collect(run_dir):
         if not os.path.isdir(it):
             break
         summary = os.path.join(it, "model", "train_summary.json")
-        if os.path.exists(summary) and "generations_sampled" in common.read_json(summary):  # online methods (PPO)
-            sampled = common.read_json(summary)["generations_sampled"]  # count their own rollouts
+        summary = common.read_json(summary) if os.path.exists(summary) else {}
+        if "generations_sampled" in summary:  # online methods (PPO) count their own rollouts
+            sampled = summary["generations_sampled"]
         elif os.path.exists(os.path.join(it, "samples.jsonl")):
             sampled += len(common.read_jsonl(os.path.join(it, "samples.jsonl"), allow_empty=True))
         if os.path.exists(os.path.join(it, "eval", "eval.json")):
