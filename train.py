@@ -218,7 +218,8 @@ def save_checkpoint(out, model, tok, state, rank, barrier, zero=None):
                os.path.join(tmp, f"rng_{rank}.pt"))
     barrier()
     if rank == 0:  # rename is atomic; a crash between the two renames leaves checkpoint.old, which resume reads
-        if os.path.isdir(ck):
+        if os.path.isdir(ck):  # ck came from an atomic rename, so it is complete: a leftover .old is stale
+            shutil.rmtree(ck + ".old", ignore_errors=True)
             os.replace(ck, ck + ".old")
         os.replace(tmp, ck)
         shutil.rmtree(ck + ".old", ignore_errors=True)

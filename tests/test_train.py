@@ -321,3 +321,14 @@ def test_deepspeed_zero2_cpu_matches_plain_training_through_a_kill_and_resume(ti
     assert m.get_input_embeddings().weight.shape[0] == len(common.load_policy(model, "cpu", "float32")[1])
     p = AutoModelForCausalLM.from_pretrained(str(tmp_path / "plain"))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(m.state_dict().values(), p.state_dict().values()))
+
+
+def test_checkpoint_save_survives_a_leftover_old_checkpoint(tiny_model_dir, tmp_path):
+    """A kill after the swap but before checkpoint.old was removed leaves both folders; the next save must not fail."""
+    model, tok = common.load_policy(tiny_model_dir, "cpu", "float32")
+    for d in ("checkpoint", "checkpoint.old"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "state.pt").write_bytes(b"stale")
+    train.save_checkpoint(str(tmp_path), model, tok, {"step": 7}, 0, lambda: None)
+    assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=True) == {"step": 7}
+    assert not (tmp_path / "checkpoint.old").exists()
