@@ -12,8 +12,9 @@ Launch:
 
 Rule (Algorithm 1, sampling step): for each x and j < num_samples,  y_j ~ p_θ(· | condition(x, f̂))  with
     condition(x, f̂) = f̂ + <|separator|> + x,   and x alone at iteration 1 (no --condition: p_θ = p_0).
-Nucleus sampling (top_p) at temperature T, no top-k, each token drawn exactly by inverse CDF. The separator and
-Quark's quantile tokens are control tokens: their logits are set to -inf, so y never contains them.
+Nucleus sampling (top_p) at temperature T, no top-k, with HF's do_sample (--exact-sampler: the same distribution
+drawn by inverse CDF, faster on CPU). EOS is blocked for the first --min-new-tokens tokens, as the official sampler.
+The separator and Quark's quantile tokens are control tokens: their logits are -inf, so y never contains them.
 --condition-pool (ALT_LMU) draws one f̂ per prompt.
 
 Sharding: --shard i/n samples the prompts with index % n == i into OUT.shard-i-of-n; --merge OUT joins them in
@@ -39,6 +40,7 @@ from common import SEPARATOR, AltError
 # ----------------------------------------------------------------------------- defaults (paper: toxicity, after Quark)
 NUM_SAMPLES = 4        # samples per prompt per iteration
 MAX_NEW_TOKENS = 20    # paper/Quark toxicity: 20 new tokens
+MIN_NEW_TOKENS = 3     # official toxicity sampler: EOS is forbidden for the first 3 tokens
 TOP_P = 1.0            # paper: 1.0 when sampling for training, 0.9 for evaluation
 TEMPERATURE = 1.0      # paper: 1.0
 BATCH_SIZE = 64        # prompts per model.generate call (each expands to num_samples sequences)
@@ -57,10 +59,14 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=NUM_SAMPLES, help="samples y per prompt x (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
                    help="max generated tokens (paper, toxicity: 20)")
+    p.add_argument("--min-new-tokens", type=int, default=MIN_NEW_TOKENS,
+                   help="EOS is blocked before this many tokens (official toxicity code: 3)")
     p.add_argument("--top-p", type=float, default=TOP_P,
                    help="nucleus sampling p (paper: 1.0 for training samples, 0.9 for evaluation)")
     p.add_argument("--temperature", type=float, default=TEMPERATURE,
                    help="sampling temperature (paper: 1.0; 0 = greedy, every sample identical)")
+    p.add_argument("--exact-sampler", action="store_true", help="draw by inverse CDF over greedy decoding: the same "
+                   "distribution as HF's do_sample, about 2x faster on CPU (bench/bench_sample.py)")
     p.add_argument("--condition", default=None,
                    help="exemplar feedback f̂ prepended as condition(x, f̂) (paper: the best feedback, e.g. "
                         "'Lowest Toxicity'; Quark: its best quantile token). Omit at iteration 1")
@@ -84,6 +90,8 @@ def parse_args(argv=None):
     for name in ("num_samples", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.min_new_tokens <= args.max_new_tokens:
+        p.error(f"--min-new-tokens must be in [0, --max-new-tokens], got {args.min_new_tokens}")
     if not 0.0 < args.top_p <= 1.0:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.temperature < 0:
@@ -147,7 +155,8 @@ def sampler(top_p, temperature):
 
 
 @torch.inference_mode()
-def sample_batch(model, tokenizer, batch_ids, num_samples, max_new_tokens, top_p, temperature, return_ids=False):
+def sample_batch(model, tokenizer, batch_ids, num_samples, max_new_tokens, top_p, temperature, return_ids=False,
+                 min_new_tokens=MIN_NEW_TOKENS, exact_sampler=False):
     """One model.generate call on left-padded inputs -> per input, num_samples {generation, truncated, num_tokens}."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = model.generation_config.eos_token_id
@@ -161,10 +170,13 @@ def sample_batch(model, tokenizer, batch_ids, num_samples, max_new_tokens, top_p
     greedy = temperature == 0
     if not greedy:  # row r*K + j is sample j of input r
         input_ids, mask = input_ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
+    if greedy or exact_sampler:  # greedy decoding, or greedy over InverseCdfSampler's one-hot draw
+        draw = dict(do_sample=False, logits_processor=None if greedy else sampler(top_p, temperature))
+    else:  # the textbook path: y_t ~ p_θ(· | f̂, x, y<t) with HF's own nucleus sampling (top_k 0: no top-k cut)
+        draw = dict(do_sample=True, top_p=top_p, temperature=temperature, top_k=0)
     out = model.generate(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
-                         max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos, do_sample=False,
-                         suppress_tokens=common.control_token_ids(tokenizer) or None,
-                         logits_processor=None if greedy else sampler(top_p, temperature))
+                         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, pad_token_id=pad,
+                         eos_token_id=eos, suppress_tokens=common.control_token_ids(tokenizer) or None, **draw)
     gen = out[:, width:].cpu()  # (B * K, <= max_new_tokens); row r*K + j is sample j of input r
     is_eos = torch.isin(gen, torch.tensor(eos))
     ended = is_eos.any(1)
@@ -179,7 +191,7 @@ def sample_batch(model, tokenizer, batch_ids, num_samples, max_new_tokens, top_p
 
 def generate_batched(model, tokenizer, inputs, num_samples=1, max_new_tokens=20, top_p=1.0, temperature=1.0,
                      batch_size=64, seed=0, progress=True, desc="sampling", *, done=None, on_batch=None, stats=None,
-                     return_ids=False):
+                     return_ids=False, min_new_tokens=MIN_NEW_TOKENS, exact_sampler=False):
     """Sample num_samples continuations of each already-conditioned input string with batched model.generate.
 
     Returns a list aligned with `inputs` of lists (num_samples) of {"generation", "truncated", "num_tokens"}.
@@ -209,7 +221,7 @@ def generate_batched(model, tokenizer, inputs, num_samples=1, max_new_tokens=20,
             if res is None:
                 torch.manual_seed(batch_seed(seed, b))
                 res = sample_batch(model, tokenizer, [ids[i] for i in idx], num_samples, max_new_tokens, top_p,
-                                   temperature, return_ids)
+                                   temperature, return_ids, min_new_tokens, exact_sampler)
                 if on_batch is not None:
                     on_batch(b, res)
                 bar.update(len(idx) * num_samples)
@@ -307,7 +319,8 @@ def main(argv=None):
                                         trust_remote_code=args.trust_remote_code)
         inputs = [common.condition(prompts[i]["prompt"], conds[i]) for i in keep]
         config = dict(model=args.model, inputs=hashlib.sha256(json.dumps(inputs).encode()).hexdigest(),
-                      **{k: getattr(args, k) for k in ("num_samples", "max_new_tokens", "top_p", "temperature",
+                      **{k: getattr(args, k) for k in ("num_samples", "max_new_tokens", "min_new_tokens", "top_p",
+                                                       "temperature", "exact_sampler",
                                                        "batch_size", "seed")}, device=device, dtype=dtype)
         done = {}
         if os.path.exists(side) and not args.overwrite:
@@ -319,7 +332,8 @@ def main(argv=None):
         with open(side, "a", encoding="utf-8") as fh:
             results = generate_batched(model, tok, inputs, args.num_samples, args.max_new_tokens, args.top_p,
                                        args.temperature, args.batch_size, args.seed, not args.no_progress,
-                                       done=done, stats=stats,
+                                       done=done, stats=stats, min_new_tokens=args.min_new_tokens,
+                                       exact_sampler=args.exact_sampler,
                                        on_batch=lambda b, r: common.append_jsonl(fh, {"batch": b, "results": r}))
         for i, ys in zip(keep, results):
             for j, y in enumerate(ys):

@@ -22,7 +22,7 @@ Token layout: each prefix (condition(x, f) for p_θ, x alone for p_0) and y are 
 y's ids are identical in both encodings. A batch left-pads the prefixes and right-pads y: y starts in the same column
 P of every row, and one [B, R] response mask serves both models.
 """
-import argparse, contextlib, math, os, random, shutil, signal, time  # noqa: E401
+import argparse, contextlib, math, os, random, shutil, time  # noqa: E401
 
 import torch
 
@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--max-grad-norm", type=float, help="clip the gradient norm (paper: none)")
     p.add_argument("--per-category", type=int, help="n samples per (prompt, feedback) (paper: TL;DR/HH balance)")
     p.add_argument("--drop-truncated", action="store_true", help="drop y that hit max_new_tokens (paper: kept)")
+    p.add_argument("--eos-target", action="store_true", help="train EOS after a y that stopped by itself (official "
+                   "toxicity code: never, its collator re-tokenises y's text; on, ALT learns to stop early)")
     p.add_argument("--max-samples", type=int, help="random subset of N rows after filtering (paper: all)")
     p.add_argument("--target-kl", type=float, help="adapt β to keep the per-token KL near this (paper: fixed)")
     p.add_argument("--target-entropy", type=float, help="adapt α to keep the token entropy near this (paper: fixed)")
@@ -121,29 +123,34 @@ def read_pool(path, tags=None, per_category=None, drop_truncated=False, max_samp
     return kept, counts
 
 
-def pack(prefix_ids, response_ids, truncated, eos_id, bos_id, max_length):
-    """(prefix ids, y ids) -> the pair the model sees: EOS closes a y that stopped by itself; an over-long pair keeps
+def pack(prefix_ids, response_ids, eos_id, bos_id, max_length):
+    """(prefix ids, y ids) -> the pair the model sees: eos_id (None: no EOS target) closes y; an over-long pair keeps
     y (cut to max_length - 1) and the end of the prefix; an empty prefix becomes BOS (y_1 needs a context)."""
-    resp = (list(response_ids) + ([] if truncated else [eos_id]))[:max_length - 1]
+    resp = (list(response_ids) + ([] if eos_id is None else [eos_id]))[:max_length - 1]
     pre = list(prefix_ids)[-(max_length - len(resp)):] or [bos_id]
     return pre, resp
 
 
-def encode_rows(rows, tokenizer, max_length, reference=True):
-    """Pool rows -> [{"prefix": condition(x, f) ids, "ref_prefix": x ids (p_0's, if reference), "response": y ids}].
-    The prefix and y are tokenised apart, so y's ids are the same under both prefixes (feedback None: x alone)."""
+def encode_rows(rows, tokenizer, max_length, reference=True, eos_target=False):
+    """Pool rows -> [{"prefix": condition(x, f) ids, "ref_prefix": x ids (p_0's, if reference), "response": y ids,
+    "x_len": x's length}]. The prefix and y are tokenised apart, so y's ids are the same under both prefixes."""
     eos = tokenizer.eos_token_id
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
     tok = lambda texts, special=True: tokenizer(texts, add_special_tokens=special)["input_ids"]  # noqa: E731
     pre = tok([common.condition(r["prompt"], r.get("feedback")) for r in rows])
-    ref = tok([r["prompt"] for r in rows]) if reference else pre
+    ref = tok([r["prompt"] for r in rows])
     ys = tok([r["generation"] for r in rows], special=False)  # y continues the prefix: no BOS
+    control = set(common.control_token_ids(tokenizer))
     out = []
     for r, p, q, y in zip(rows, pre, ref, ys):
-        p2, y2 = pack(p, y, bool(r.get("truncated")), eos, bos, max_length)
-        ex = {"prefix": p2, "response": y2, "clipped": len(p2) + len(y2) < len(p) + len(y) + (not r.get("truncated"))}
+        if control.intersection(y):  # the loss drops the control columns, so y may never hold one
+            raise AltError(f"row {r.get('prompt_id', r['prompt'])!r}: generation contains a control token")
+        end = eos if eos_target and not r.get("truncated") else None
+        p2, y2 = pack(p, y, end, bos, max_length)
+        ex = {"prefix": p2, "response": y2, "x_len": len(q), "clipped": len(p2) + len(y2) < len(p) + len(y)
+              + (end is not None)}
         if reference:
-            ex["ref_prefix"] = pack(q, y, bool(r.get("truncated")), eos, bos, max_length)[0]
+            ex["ref_prefix"] = pack(q, y, end, bos, max_length)[0]
         out.append(ex)
     return out
 
@@ -162,12 +169,14 @@ def collate(pairs, pad_id):
 
 
 def plan_epoch(examples, global_batch, epoch, seed, window=4):
-    """Length-bucketed global batches for one epoch, identical on every rank: drop a random remainder, sort by prefix
-    length, re-sort each window of `window` batches by y length (both pads count), cut, shuffle the batch order."""
+    """Length-bucketed global batches for one epoch, identical on every rank: drop a random remainder, sort by x's
+    length, re-sort each window of `window` batches by y length (both pads count), cut, shuffle the batch order.
+    Sorting by x, not by condition(x, f), matters: f's length differs by tag, and sorting on it would group batches
+    by tag, so each step would see one kind of feedback instead of the contrast between them."""
     rng = random.Random(f"{seed}-{epoch}")
     idx = list(range(len(examples)))
     rng.shuffle(idx)
-    idx = sorted(idx[:len(idx) - len(idx) % global_batch], key=lambda i: len(examples[i]["prefix"]))
+    idx = sorted(idx[:len(idx) - len(idx) % global_batch], key=lambda i: examples[i]["x_len"])
     W = global_batch * window
     idx = [i for s in range(0, len(idx), W) for i in sorted(idx[s:s + W], key=lambda i: len(examples[i]["response"]))]
     batches = [idx[i:i + global_batch] for i in range(0, len(idx), global_batch)]
@@ -176,12 +185,13 @@ def plan_epoch(examples, global_batch, epoch, seed, window=4):
 
 
 # ----------------------------------------------------------------------------- Equation 1
-def response_logits(model, batch):
-    """Logits predicting each response token y_t from (prefix, y<t): [B, R, V] (lm head applied from column P-1 on)."""
+def response_logits(model, batch, vocab=None):
+    """Logits predicting each response token y_t from (prefix, y<t): [B, R, V] (lm head applied from column P-1 on).
+    vocab: keep only the first `vocab` columns (train.py drops ALT's control tokens, which sampling never draws)."""
     R = batch["targets"].shape[1]
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 position_ids=batch["position_ids"], logits_to_keep=R + 1, use_cache=False)
-    return out.logits[:, :-1]
+    return out.logits[:, :-1, :vocab]
 
 
 def response_logprobs(model, batch):
@@ -347,7 +357,13 @@ def main(argv=None):
             raise AltError(f"{ref_path}: p_0's vocabulary differs from {args.model}'s (the KL needs one vocabulary)")
         ref.eval().requires_grad_(False)
     max_len = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
-    examples = encode_rows(rows, tok, max_len, reference=ref is not None)
+    examples = encode_rows(rows, tok, max_len, reference=ref is not None, eos_target=args.eos_target)
+    # NLL, KL and H are taken over the tokens sampling can draw: ALT's control tokens (the separator, Quark's
+    # quantiles) are added last to the vocabulary and suppressed by sample.py, so their columns are dropped.
+    control = common.control_token_ids(tok)
+    vocab = control[0] if control else None
+    if control != list(range(len(tok) - len(control), len(tok))) or model.config.vocab_size != len(tok):
+        raise AltError(f"{args.model}: ALT's control tokens must be the last {len(control)} of {len(tok)} ids")
     counts["clipped_to_context"] = sum(e["clipped"] for e in examples)
     B, A = args.batch_size, args.grad_accum
     G = B * A * world
@@ -388,7 +404,6 @@ def main(argv=None):
         common.write_jsonl(log_path, [r for r in old if r.get("step", 0) <= step])  # drop steps past the checkpoint
         log_fh = open(log_path, "a", encoding="utf-8")
     barrier()
-    nan_at, kill_at = (int(os.environ.get(k, 0)) for k in ("ALT_INJECT_NAN_AT_STEP", "ALT_KILL_AT_STEP"))  # test-only
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
     plan, last, pad, slots, t_start = {}, {}, 0, 0, time.time()
     while step < total_steps:
@@ -407,10 +422,9 @@ def main(argv=None):
             with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=bf16), \
                     fwd.no_sync() if no_sync else contextlib.nullcontext():
                 with torch.no_grad():  # p_0 is fixed (not inference_mode: the KL saves its logits for backward)
-                    ref_logits = None if ref is None else response_logits(ref, rb)
-                nll, kl, entropy = alt_loss(response_logits(fwd, pb), ref_logits, pb["targets"], pb["resp_mask"])
-                if step + 1 == nan_at:
-                    nll = nll * float("nan")
+                    ref_logits = None if ref is None else response_logits(ref, rb, vocab)
+                logits = response_logits(fwd, pb, vocab)
+                nll, kl, entropy = alt_loss(logits, ref_logits, pb["targets"], pb["resp_mask"])
                 loss = (nll + beta * kl - alpha * entropy) * (world / n_resp)  # ranks average grads: Σ / N_global
                 sums[:3] += torch.stack([nll.detach(), kl.detach(), entropy.detach()]).double().cpu()
                 sums[3] += pb["attention_mask"].sum().item()
@@ -450,8 +464,6 @@ def main(argv=None):
             common.append_jsonl(log_fh, last)
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
-        if step == kill_at:  # test-only: a real SIGKILL after the step is logged, before its checkpoint
-            os.kill(os.getpid(), signal.SIGKILL)
         if step % args.save_every == 0 and step < total_steps:
             state = dict(step=step, beta=beta, alpha=alpha, fingerprint=fingerprint, scheduler=scheduler.state_dict())
             if not args.deepspeed:  # under DeepSpeed each rank saves its own shard instead (zero_state)

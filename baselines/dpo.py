@@ -3,14 +3,14 @@
 Objective, per prompt x of D_k (y_w its highest-reward sample, y_l its lowest; π_ref = p_0, β = --beta):
     L_DPO(π_θ) = −E_(x, y_w, y_l)~D_k [ log σ( β·[log π_θ(y_w|x) − log π_ref(y_w|x)]
                                             − β·[log π_θ(y_l|x) − log π_ref(y_l|x)] ) ]
-log π(y|x) = Σ_t log π(y_t | x, y<t) is the exact sequence log-prob over y's tokens only (plus the EOS that closed y,
-as train.py scores it). The policy and π_ref see x alone, never feedback: DPO uses the rewards, not the tags.
+log π(y|x) = Σ_t log π(y_t | x, y<t) is the exact sequence log-prob over y's tokens only (no EOS target, as
+train.py). The policy and π_ref see x alone, never feedback: DPO uses the rewards, not the tags.
 
 Input  --data POOL.jsonl: datapool rows (common.py schema; uses prompt_id, prompt, generation, reward, truncated), e.g.
        feedback.py --method alt-rm's D_k (all iterations so far). Pairs: rows grouped by prompt_id; y_w = max reward,
        y_l = min reward (the first in file order on ties). Skipped and counted: reward=null rows, empty generations
        (as train.py: an instant EOS would be rewarded as non-toxic), prompts left with one sample, prompts whose
-       rewards are all tied. A pool without rewards, or with no pair at all, is a one-line error (exit 2).
+       rewards are all tied, and pairs whose rewards differ by less than --min-margin (the judge's noise). A pool without rewards, or with no pair at all, is a one-line error (exit 2).
 Output --out DIR, as train.py: save_pretrained (safetensors) + tokenizer; DIR/train_log.jsonl, a row per step {step,
        epoch, loss, reward_acc, margin, chosen, rejected, lr, grad_norm, tokens, tokens_per_s}; DIR/train_summary.json
        (method "dpo", counts, final row, args). DIR/checkpoint/ holds the resume state while running; a finished DIR
@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--ref-model", help="π_ref (ALT's comparison: p_0, the initial model); default --model")
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature β (DPO paper: 0.1)")
+    p.add_argument("--min-margin", type=float, default=0.25, help="skip a pair whose rewards differ by less (ours: "
+                   "below it a near-binary judge's gap is mostly noise, and DPO would learn the noise)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the pairs per iteration")
     p.add_argument("--batch-size", type=int, default=32, help="pairs per step (ALT paper's batch: 32)")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (as train.py; alt_loop passes 1e-4)")
@@ -57,16 +59,17 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if min(a.epochs, a.batch_size, a.save_every) < 1:
         p.error("--epochs, --batch-size and --save-every must be >= 1")
-    if not (a.lr > 0 and a.beta > 0 and 0 <= a.warmup_ratio <= 1):
-        p.error("need --lr > 0, --beta > 0 and 0 <= --warmup-ratio <= 1")
+    if not (a.lr > 0 and a.beta > 0 and 0 <= a.warmup_ratio <= 1 and a.min_margin >= 0):
+        p.error("need --lr > 0, --beta > 0, 0 <= --warmup-ratio <= 1 and --min-margin >= 0")
     return a
 
 
 # ----------------------------------------------------------------------------- D_k -> preference pairs
-def make_pairs(rows, path, lines=None):
-    """Pool rows -> ([(y_w row, y_l row)], counts): per prompt_id, the max- and min-reward samples."""
+def make_pairs(rows, path, lines=None, min_margin=0.0):
+    """Pool rows -> ([(y_w row, y_l row)], counts): per prompt_id, the max- and min-reward samples, if their rewards
+    differ by at least min_margin."""
     lines = lines or list(range(1, len(rows) + 1))
-    counts = dict(read=len(rows), null_reward=0, empty_generation=0, single_sample=0, all_tied=0)
+    counts = dict(read=len(rows), null_reward=0, empty_generation=0, single_sample=0, all_tied=0, small_margin=0)
     groups = {}
     for line, r in zip(lines, rows):
         if "reward" not in r:
@@ -91,6 +94,8 @@ def make_pairs(rows, path, lines=None):
             counts["single_sample"] += 1
         elif w["reward"] == l["reward"]:
             counts["all_tied"] += 1
+        elif w["reward"] - l["reward"] < min_margin:
+            counts["small_margin"] += 1
         else:
             pairs.append((w, l))
     counts["pairs"] = len(pairs)
@@ -100,11 +105,11 @@ def make_pairs(rows, path, lines=None):
 
 
 def encode_pairs(pairs, tokenizer, max_length):
-    """Pairs -> [{"w": (x ids, y_w ids), "l": (x ids, y_l ids), "prefix", "response"}], with train.py's encoding
-    (x and y tokenised apart, EOS closes a y that stopped). prefix/response feed train.plan_epoch's length buckets."""
+    """Pairs -> [{"w": (x ids, y_w ids), "l": (x ids, y_l ids), "x_len", "response"}], with train.py's encoding
+    (x and y tokenised apart, no EOS target). x_len/response feed train.plan_epoch's length buckets."""
     strip = lambda r: {"prompt": r["prompt"], "generation": r["generation"], "truncated": r.get("truncated")}  # noqa
     ew, el = (train.encode_rows([strip(p[i]) for p in pairs], tokenizer, max_length, reference=False) for i in (0, 1))
-    return [{"w": (a["prefix"], a["response"]), "l": (b["prefix"], b["response"]), "prefix": a["prefix"],
+    return [{"w": (a["prefix"], a["response"]), "l": (b["prefix"], b["response"]), "x_len": a["x_len"],
              "response": max(a["response"], b["response"], key=len)} for a, b in zip(ew, el)]
 
 
@@ -145,7 +150,7 @@ def main(argv=None):
     rows = common.read_jsonl(args.data, required=("prompt", "generation"))
     with open(args.data, "rb") as fh:  # read_jsonl drops blank lines: map rows back to file lines for messages
         lines = [i for i, raw in enumerate(fh.read().split(b"\n"), 1) if raw.strip()]
-    pairs, counts = make_pairs(rows, args.data, lines)
+    pairs, counts = make_pairs(rows, args.data, lines, args.min_margin)
     device = common.default_device_dtype()[0]
     ck = None if args.overwrite else train.find_checkpoint(args.out)
     model, tok = common.load_policy(ck or args.model, device, "float32", trust_remote_code=args.trust_remote_code)

@@ -230,7 +230,7 @@ def rollout(policy, tok, prompts, score, args, update):
     ctx = getattr(policy.config, "n_positions", None) or getattr(policy.config, "max_position_embeddings", 1024)
     eos, pre = tok.eos_token_id, [t[-(ctx - args.max_new_tokens):] for t in tok(inputs)["input_ids"]]
     bos = tok.bos_token_id if tok.bos_token_id is not None else eos
-    pairs = [train.pack(pre[i], y["ids"], y["truncated"], eos, bos, ctx) for i, y, _ in keep]  # x as generate saw it
+    pairs = [train.pack(pre[i], y["ids"], None if y["truncated"] else eos, bos, ctx) for i, y, _ in keep]  # x as generate saw it
     scores = torch.tensor([1.0 - t for _, _, t in keep])
     return (train.collate(pairs, tok.pad_token_id), scores, [y["generation"] for _, y, _ in keep],
             dict(drawn=len(flat), unscored=len(flat) - len(keep)))

@@ -103,20 +103,22 @@ def raw_generate(xs):
     return texts, pad, real
 
 
-def ours(xs):
+def ours(xs, exact=False):
     stats = {}
-    generate_batched(model, tok, xs, K, N, 1.0, 1.0, batch_size=B, seed=0, progress=False, stats=stats)
+    generate_batched(model, tok, xs, K, N, 1.0, 1.0, batch_size=B, seed=0, progress=False, stats=stats,
+                     exact_sampler=exact)
     return stats
 
 
 pipeline_loop(prompts[:1]), raw_generate(prompts[:4]), ours(prompts[:4])  # warm-up: first-call costs out of the timings
 t_pipe, _ = timed(lambda: pipeline_loop(prompts[:args.pipeline_prompts]))
-t_raw, t_ours = [], []
-for _ in range(args.rounds):  # interleaved, so a busy neighbour slows both alike
+t_raw, t_ours, t_exact = [], [], []
+for _ in range(args.rounds):  # interleaved, so a busy neighbour slows all alike
     t, (_, raw_pad, raw_real) = timed(lambda: raw_generate(prompts))
     t_raw.append(t)
     t, stats = timed(lambda: ours(prompts))
     t_ours.append(t)
+    t_exact.append(timed(lambda: ours(prompts, exact=True))[0])
 @torch.inference_mode()
 def floor():
     """max_new_tokens forward passes of one full batch (B*K rows, 1 token, no cache): the matmuls alone."""
@@ -130,12 +132,15 @@ t_floor, _ = timed(floor)
 g = len(prompts) * K
 r_pipe = args.pipeline_prompts * K / t_pipe
 r_raw, r_ours = g / statistics.median(t_raw), g / statistics.median(t_ours)
+r_exact = g / statistics.median(t_exact)
 r_floor = B * K / t_floor
 print(f"per-prompt pipeline loop : {r_pipe:8.1f} generations/s ({args.pipeline_prompts} prompts)")
 print(f"raw batched generate     : {r_raw:8.1f} generations/s (padding {raw_pad / (raw_pad + raw_real):.1%} "
       f"of prompt tokens, unsorted, torch.multinomial)")
 print(f"sample.generate_batched  : {r_ours:8.1f} generations/s (padding {stats['pad_share']:.1%} of prompt tokens, "
-      f"{len(prompts)} prompts in {stats['batches']} batches)")
+      f"{len(prompts)} prompts in {stats['batches']} batches; HF do_sample, the default)")
+print(f"  --exact-sampler        : {r_exact:8.1f} generations/s (inverse-CDF draw, same distribution; "
+      f"{r_exact / r_ours:.2f}x the default)")
 print(f"compute floor            : {r_floor:8.1f} generations/s ({N} bare forward passes of {B * K} rows: the best "
       f"any batched sampler can do here, {r_floor / r_pipe:.1f}x the pipeline)")
 print(f"ratios: sample.py/pipeline {r_ours / r_pipe:.1f}x (target >= 20x; floor {r_floor / r_pipe:.1f}x) | "

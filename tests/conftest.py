@@ -40,6 +40,36 @@ def tiny_model_dir(tmp_path_factory):
     return str(out)
 
 
+TOXIC_BERT_LABELS = ("toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate")
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tiny_model_dir, tmp_path_factory):
+    """Randomly initialised 1-layer GPT-2 classifiers saved locally, keyed by label layout:
+    2 (neutral, toxic: as s-nlp/roberta_toxicity_classifier), 1 (one sigmoid output: as a reward
+    model), "multi" (unitary/toxic-bert's 6 sigmoid labels), "hate" (nothate, hate: as
+    facebook/roberta-hate-speech-dynabench-r4-target)."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    layouts = {2: ("neutral", "toxic"), 1: ("LABEL_0",), "multi": TOXIC_BERT_LABELS,
+               "hate": ("nothate", "hate")}
+    dirs = {}
+    for seed, (key, names) in enumerate(layouts.items()):
+        torch.manual_seed(seed)
+        labels = dict(enumerate(names))
+        cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32, vocab_size=len(tok),
+                         num_labels=len(names), id2label=labels,
+                         label2id={v: k for k, v in labels.items()}, pad_token_id=tok.eos_token_id,
+                         problem_type="multi_label_classification" if key == "multi" else None)
+        d = tmp_path_factory.mktemp(f"cls_{key}")
+        GPT2ForSequenceClassification(cfg).save_pretrained(d)
+        tok.save_pretrained(d)
+        dirs[key] = str(d)
+    return dirs
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module: the tiny model gains nothing from more, and killed subprocesses run with
@@ -58,6 +88,20 @@ def shared_data():
     if not os.path.isdir(SHARED):
         pytest.skip("../shared/data is absent (only developers and CI have it)")
     return SHARED
+
+
+def inject_nan_at_step(monkeypatch, step):
+    """Make train.py's loss NaN at optimizer step `step` (1-based; grad-accum 1), as a diverging run would."""
+    import train
+
+    real, calls = train.alt_loss, []
+
+    def alt_loss(*args, **kw):
+        nll, kl, entropy = real(*args, **kw)
+        calls.append(1)
+        return (nll * float("nan") if len(calls) == step else nll), kl, entropy
+
+    monkeypatch.setattr(train, "alt_loss", alt_loss)
 
 
 def run_cli(stage, argv, monkeypatch, capture):

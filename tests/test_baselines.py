@@ -91,7 +91,10 @@ def test_pairs_are_max_and_min_reward_per_prompt():
             pool_row(3, 0, None), pool_row(3, 1, 0.2), pool_row(3, 2, 0.6), pool_row(3, 3, 0.99, gen="")]
     pairs, counts = dpo.make_pairs(rows, "pool.jsonl")
     assert [(w["prompt_id"], w["sample_idx"], lo["sample_idx"]) for w, lo in pairs] == [(0, 1, 2), (3, 2, 1)]
-    assert counts == dict(read=11, null_reward=1, empty_generation=1, single_sample=1, all_tied=1, pairs=2)
+    assert counts == dict(read=11, null_reward=1, empty_generation=1, single_sample=1, all_tied=1, small_margin=0,
+                          pairs=2)
+    pairs, counts = dpo.make_pairs(rows, "pool.jsonl", min_margin=0.5)  # prompt 3's gap is 0.6 - 0.2 = 0.4
+    assert [w["prompt_id"] for w, _ in pairs] == [0] and counts["small_margin"] == 1
 
 
 def run_dpo_cli(argv, capsys):

@@ -14,7 +14,7 @@ import pytest
 import common
 import evaluate
 import feedback
-from conftest import ROOT, run_cli, tiny_texts
+from conftest import ROOT, inject_nan_at_step, run_cli, tiny_texts
 from stub_servers import judge_target, openai_stub, perspective_stub
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,7 +92,7 @@ def bad_input_cases(tmp, model):
         ("9 pool from another method (train)", "train", ["--data", pool, *tr, "--expect-method", "quark"], {},
          f"train.py: error: {tmp / 'pool.meta.json'}: pool method 'alt-rm', expected 'quark'"),
         ("10 NaN loss (injected)", "train", ["--data", jsonl(tmp / "p24.jsonl", pool_rows(24)), *tr, "--save-every",
-                                             "2"], {"ALT_INJECT_NAN_AT_STEP": "3"},
+                                             "2"], {"nan_at_step": 3},
          f"train.py: error: non-finite loss (nan) at step 3; stopped before the update; last good checkpoint kept: "
          f"{out}/checkpoint"),
         ("11 unknown model path", "sample", ["--model", str(tmp / "no_such_model"), "--prompts", prompts, "--out",
@@ -120,7 +120,10 @@ def test_bad_inputs_give_one_clear_line_and_exit_2(tiny_model_dir, tmp_path, mon
     for kind, stage, argv, env, want in bad_input_cases(tmp_path, tiny_model_dir):
         with monkeypatch.context() as m:
             for k, v in env.items():
-                m.setenv(k, v)
+                if k == "nan_at_step":
+                    inject_nan_at_step(m, v)
+                else:
+                    m.setenv(k, v)
             code, out, err = run_cli(stage, argv, m, capsys)
         line = err.strip().splitlines()[-1] if err.strip() else ""  # argparse prints its usage above the error
         assert code == 2, (kind, out, err)

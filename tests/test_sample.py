@@ -166,14 +166,17 @@ def test_inverse_cdf_never_picks_a_zero_probability_token_at_the_edge(monkeypatc
     assert int(scores.argmax()) == 1 and scores[0, 2] == -float("inf")  # u just below the total: the last real token
 
 
-def test_first_token_frequencies_match_the_model_softmax(policy):
-    """End to end through generate: suppression, temperature and top-p are applied in that order before the draw."""
+@pytest.mark.parametrize("exact_sampler", [False, True])
+def test_first_token_frequencies_match_the_model_softmax(policy, exact_sampler):
+    """End to end through generate: suppression, temperature and top-p are applied in that order before the draw,
+    by HF's do_sample (the default) and by the inverse-CDF sampler alike."""
     model, tok = policy
     scrambled(model, std=0.3)
     x = "the cat sat on"
     n, top_p, temperature = 6000, 0.9, 0.8
     res = sample.generate_batched(model, tok, [x], num_samples=n, max_new_tokens=1, top_p=top_p,
-                                  temperature=temperature, batch_size=1, progress=False, return_ids=True)
+                                  temperature=temperature, batch_size=1, progress=False, return_ids=True,
+                                  min_new_tokens=0, exact_sampler=exact_sampler)
     with torch.no_grad():
         logits = model(**tok([x], return_tensors="pt")).logits[0, -1].double()
     logits[common.control_token_ids(tok)] = -float("inf")
@@ -191,7 +194,8 @@ def test_truncated_and_num_tokens_match_the_generated_ids(policy, eos_bias):
     model, tok = policy
     biased(model, tok, [tok.eos_token_id], eos_bias)
     calls = spy(model)
-    res = sample.generate_batched(model, tok, ["the cat sat on"], num_samples=64, max_new_tokens=8, progress=False)
+    res = sample.generate_batched(model, tok, ["the cat sat on"], num_samples=64, max_new_tokens=8, progress=False,
+                                  min_new_tokens=0)
     (input_ids, out), = calls
     ys = res[0]
     assert len(ys) == 64
@@ -206,6 +210,16 @@ def test_truncated_and_num_tokens_match_the_generated_ids(policy, eos_bias):
         assert all(y["truncated"] and y["num_tokens"] == 8 for y in ys)
     else:
         assert {y["truncated"] for y in ys} == {True, False}
+
+
+@pytest.mark.parametrize("min_new", [1, 3, 5])
+def test_eos_is_blocked_for_the_first_min_new_tokens(policy, min_new):
+    model, tok = policy
+    biased(model, tok, [tok.eos_token_id], 50.0)  # EOS wins every position it is allowed at
+    res = sample.generate_batched(model, tok, ["the cat", "a dog sat"], num_samples=16, max_new_tokens=8,
+                                  progress=False, min_new_tokens=min_new)
+    assert all(y["num_tokens"] == min_new and not y["truncated"] for ys in res for y in ys)
+    assert sample.MIN_NEW_TOKENS == 3  # the official toxicity sampler's minimum, the CLI default
 
 
 def test_batched_greedy_equals_one_by_one_in_input_order(policy):

@@ -17,7 +17,7 @@ import common
 import evaluate
 import sample
 import train
-from conftest import ROOT, run_cli, tiny_texts
+from conftest import ROOT, inject_nan_at_step, run_cli, tiny_texts
 from stub_servers import judge_target, openai_stub, perspective_stub
 
 OPENAI_SENTINEL = "sk-SENTINEL-openai-4d1c9b-never-log-me"
@@ -205,8 +205,9 @@ def test_checkpoints_are_safetensors_and_no_pickle_is_loaded(tiny_model_dir, tmp
     pool = jsonl(tmp_path / "pool.jsonl", rows)
     out = tmp_path / "m"
     argv = ["--data", pool, "--model", tiny_model_dir, "--out", str(out), "--batch-size", "4", "--save-every", "2"]
-    monkeypatch.setenv("ALT_INJECT_NAN_AT_STEP", "5")  # stops after step 4, the step-4 checkpoint kept
-    assert run_cli("train", argv, monkeypatch, capfd)[0] == 2
+    with monkeypatch.context() as m:
+        inject_nan_at_step(m, 5)  # stops after step 4, the step-4 checkpoint kept
+        assert run_cli("train", argv, m, capfd)[0] == 2
     ck = out / "checkpoint"
     assert (ck / "model.safetensors").exists() and not glob.glob(str(ck / "*.bin"))
     for f in ("state.pt", "rng_0.pt"):
@@ -220,7 +221,6 @@ def test_checkpoints_are_safetensors_and_no_pickle_is_loaded(tiny_model_dir, tmp
         2, f"train.py: error: {ck}: unreadable resume state (UnpicklingError); rerun with --overwrite")
     assert not marker.exists()
 
-    monkeypatch.delenv("ALT_INJECT_NAN_AT_STEP")
     shutil.rmtree(out)
     shutil.copytree(tmp_path / "pristine", out)
     code, printed, err = run_cli("train", argv, monkeypatch, capfd)  # resumes from the step-4 checkpoint

@@ -11,7 +11,7 @@ import torch
 import common
 import train
 from common import AltError
-from conftest import ROOT, tiny_texts
+from conftest import ROOT, inject_nan_at_step, tiny_texts
 
 TAGS = ["Nontoxic", "Slightly toxic", "Very toxic"]
 
@@ -48,8 +48,8 @@ def no_dropout_copy(src, dst):
     return str(dst)
 
 
-def batch_of(tok, rows, reference=True):
-    ex = train.encode_rows(rows, tok, 128, reference=reference)
+def batch_of(tok, rows, reference=True, eos_target=False):
+    ex = train.encode_rows(rows, tok, 128, reference=reference, eos_target=eos_target)
     pol = train.collate([(e["prefix"], e["response"]) for e in ex], tok.pad_token_id)
     ref = train.collate([(e["ref_prefix"], e["response"]) for e in ex], tok.pad_token_id) if reference else None
     return ex, pol, ref
@@ -60,19 +60,22 @@ ROWS = [{"prompt": "the cat sat", "generation": " on the mat and you", "feedback
         {"prompt": "news", "generation": " report said police", "feedback": "Slightly toxic", "truncated": False}]
 
 
-def test_layout_prefix_left_padded_response_right_padded(tiny_model_dir):
+@pytest.mark.parametrize("eos_target", [False, True])
+def test_layout_prefix_left_padded_response_right_padded(tiny_model_dir, eos_target):
     _, tok = common.load_policy(tiny_model_dir, "cpu", "float32")
-    ex, pol, ref = batch_of(tok, ROWS)
+    ex, pol, ref = batch_of(tok, ROWS, eos_target=eos_target)
     for i, (e, r) in enumerate(zip(ex, ROWS)):
-        y = tok(r["generation"], add_special_tokens=False)["input_ids"] + ([] if r["truncated"] else [tok.eos_token_id])
-        assert e["response"] == y  # the same y ids under both prefixes, EOS only when not truncated
+        end = [tok.eos_token_id] if eos_target and not r["truncated"] else []
+        y = tok(r["generation"], add_special_tokens=False)["input_ids"] + end
+        assert e["response"] == y  # the same y ids under both prefixes; EOS only if asked and y stopped by itself
+        assert e["x_len"] == len(tok(r["prompt"])["input_ids"])
         assert pol["targets"][i][pol["resp_mask"][i]].tolist() == y == ref["targets"][i][ref["resp_mask"][i]].tolist()
         assert tok.decode(e["prefix"]) == common.condition(r["prompt"], r["feedback"])
         assert tok.decode(e["ref_prefix"]) == r["prompt"]  # p_0 never sees f
         first = pol["attention_mask"][i].tolist().index(1)
         assert pol["position_ids"][i, first] == 0 and not pol["attention_mask"][i, :first].any()
     assert torch.equal(pol["resp_mask"], ref["resp_mask"])
-    pre, resp = train.pack(list(range(50)), list(range(100, 200)), False, 0, 0, 40)
+    pre, resp = train.pack(list(range(50)), list(range(100, 200)), 0, 0, 40)
     assert len(pre) + len(resp) == 40 and resp == list(range(100, 139)) and pre == [49]  # y kept, prefix cut left
 
 
@@ -94,15 +97,16 @@ def test_masked_nll_equals_hf_labels_loss_per_row(tiny_model_dir):
     assert (lp[~pol["resp_mask"]] == 0).all()
 
 
-def brute_force(policy, ref, ex):
-    """Per-token loop, one unpadded forward per (row, t), plain-Python sums over the vocabulary:
+def brute_force(policy, ref, ex, vocab):
+    """Per-token loop, one unpadded forward per (row, t), plain-Python sums over the first `vocab` ids:
     returns Σ_t KL(p_0 ‖ p_θ), Σ_t KL(p_θ ‖ p_0) and Σ_t H(p_θ), p_θ on (f, x, y<t) and p_0 on (x, y<t)."""
     kl, kl_swapped, ent = 0.0, 0.0, 0.0
     for e in ex:
         for t in range(len(e["response"])):
             with torch.no_grad():
-                lp = torch.log_softmax(policy(torch.tensor([e["prefix"] + e["response"][:t]])).logits[0, -1], -1)
-                lq = torch.log_softmax(ref(torch.tensor([e["ref_prefix"] + e["response"][:t]])).logits[0, -1], -1)
+                lp = policy(torch.tensor([e["prefix"] + e["response"][:t]])).logits[0, -1, :vocab]
+                lq = ref(torch.tensor([e["ref_prefix"] + e["response"][:t]])).logits[0, -1, :vocab]
+                lp, lq = torch.log_softmax(lp, -1), torch.log_softmax(lq, -1)
             for a, b in zip(lp.tolist(), lq.tolist()):
                 kl += math.exp(b) * (b - a)
                 kl_swapped += math.exp(a) * (a - b)
@@ -119,13 +123,19 @@ def test_kl_and_entropy_match_brute_force_and_kl_direction(tiny_model_dir):
             p.add_(torch.randn_like(p) * 0.3)  # p_0 ≠ p_θ
     policy.eval(), ref.eval()
     ex, pol, rb = batch_of(tok, ROWS)
+    vocab = len(tok) - 1  # the separator, added last, is a control token: the loss drops its column
+    assert common.control_token_ids(tok) == [vocab]
     with torch.no_grad():
-        _, kl, ent = train.alt_loss(train.response_logits(policy, pol), train.response_logits(ref, rb),
+        _, kl, ent = train.alt_loss(train.response_logits(policy, pol, vocab), train.response_logits(ref, rb, vocab),
                                     pol["targets"], pol["resp_mask"])
-    kl_p0_pt, kl_pt_p0, ent_bf = brute_force(policy, ref, ex)
+        _, kl_all, ent_all = train.alt_loss(train.response_logits(policy, pol), train.response_logits(ref, rb),
+                                            pol["targets"], pol["resp_mask"])
+    kl_p0_pt, kl_pt_p0, ent_bf = brute_force(policy, ref, ex, vocab)
     assert kl.item() == pytest.approx(kl_p0_pt, rel=1e-4)
     assert abs(kl_pt_p0 - kl_p0_pt) > 0.05 * kl_p0_pt  # swapping the arguments is caught
     assert ent.item() == pytest.approx(ent_bf, rel=1e-4)
+    assert brute_force(policy, ref, ex, None)[2] == pytest.approx(ent_all.item(), rel=1e-4)
+    assert abs(ent_all.item() - ent.item()) > 1e-4 * ent.item()  # the separator column (a copy of EOS) has mass
 
 
 def test_read_pool_skips_counts_and_rejects_unknown_tags(tmp_path):
@@ -150,6 +160,8 @@ def test_bucketing_keeps_padding_low_and_plans_match_across_ranks():
     rng = random.Random(0)
     ex = [{"prefix": [1] * rng.randint(5, 40), "response": [2] * rng.choice([20] * 3 + list(range(3, 20)))}
           for _ in range(640)]
+    for e in ex:
+        e["x_len"] = len(e["prefix"])
     plan = train.plan_epoch(ex, 32, 0, 0)
     assert plan == train.plan_epoch(ex, 32, 0, 0) and plan != train.plan_epoch(ex, 32, 1, 0)
     pad = slots = 0
@@ -157,6 +169,23 @@ def test_bucketing_keeps_padding_low_and_plans_match_across_ranks():
         m = train.collate([(ex[i]["prefix"], ex[i]["response"]) for i in b], 0)["attention_mask"]
         pad, slots = pad + int((m == 0).sum()), slots + m.numel()
     assert pad / slots <= 0.15 and sorted(i for b in plan for i in b) == list(range(640))
+
+
+def test_batches_are_not_grouped_by_feedback_tag(tiny_model_dir):
+    """condition(x, f) is longer for some tags; bucketing by it would give batches of one tag. Bucketing by x alone
+    must leave every batch's tag mix as random as unbucketed batches (the review measured sd 0.257 vs 0.087)."""
+    import random
+    import statistics
+
+    _, tok = common.load_policy(tiny_model_dir, "cpu", "float32")
+    rng = random.Random(0)
+    tags = ["Lowest Toxicity", "Maximum Toxicity plus several extra words of feedback"]  # very different lengths
+    rows = [{"prompt": " ".join(rng.choice(["the", "a", "big", "cat", "dog"]) for _ in range(rng.randint(2, 12))),
+             "generation": " sat down", "feedback": tags[i % 2], "truncated": True} for i in range(640)]
+    ex = train.encode_rows(rows, tok, 128, reference=False)
+    assert len({len(e["prefix"]) - e["x_len"] for e in ex}) == 2  # the tags do differ in length
+    long_share = [sum(rows[i]["feedback"] == tags[1] for i in b) / 32 for b in train.plan_epoch(ex, 32, 0, 0)]
+    assert statistics.pstdev(long_share) < 0.15  # grouped by tag: sd near 0.5; random batches of 32: about 0.09
 
 
 def run_train(tmp, model, pool, *extra, out="out"):
@@ -232,7 +261,7 @@ def test_quark_tags_become_single_tokens_and_other_k_is_rejected(tiny_model_dir,
 
 def test_nan_loss_stops_naming_the_step_and_keeps_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     pool = make_pool(tmp_path / "pool.jsonl", n=24)
-    monkeypatch.setenv("ALT_INJECT_NAN_AT_STEP", "3")
+    inject_nan_at_step(monkeypatch, 3)
     with pytest.raises(AltError, match=r"non-finite loss .* at step 3; .*checkpoint kept"):
         run_train(tmp_path, tiny_model_dir, pool, "--save-every", "2")
     out = tmp_path / "out"
@@ -256,14 +285,17 @@ def script(*args, env=None, **kw):
 def test_kill_and_resume_reaches_the_same_final_state(tiny_model_dir, tmp_path):
     pool = make_pool(tmp_path / "pool.jsonl", n=24)
     args = ["--data", pool, "--model", tiny_model_dir, "--batch-size", "4", "--lr", "1e-3", "--save-every", "2"]
-    r = script("train.py", *args, "--out", str(tmp_path / "killed"), env={"ALT_KILL_AT_STEP": "3"})
+    r = script("tests/kill_at_step.py", "3", "train.py", *args, "--out", str(tmp_path / "killed"))
     assert r.returncode == -9, r.stderr[-2000:]  # SIGKILL after step 3 was logged, before its checkpoint
     assert [x["step"] for x in read_log(str(tmp_path / "killed"))] == [1, 2, 3]
-    train.main([*args, "--out", str(tmp_path / "killed")])  # the same command again: resumes at step 2
-    train.main([*args, "--out", str(tmp_path / "clean")])
+    # Every half runs alike (a subprocess on 1 thread): float sums depend on the thread count and the CPU's kernels,
+    # so an in-process half could differ in the last bits on another machine even though the resume is exact.
+    for out in ("killed", "clean"):  # "killed" again: the same command resumes at step 2
+        r = script("train.py", *args, "--out", str(tmp_path / out))
+        assert r.returncode == 0, r.stderr[-2000:]
     killed, clean = read_log(str(tmp_path / "killed")), read_log(str(tmp_path / "clean"))
     assert [x["step"] for x in killed] == list(range(1, 7))
-    for x, y in zip(killed, clean):  # model, optimizer, scheduler and dropout RNG all restored (threads differ: approx)
+    for x, y in zip(killed, clean):  # model, optimizer, scheduler and dropout RNG all restored
         assert (x["lr"], x["tokens"]) == (y["lr"], y["tokens"])
         keys = ("nll", "kl", "entropy", "total")
         assert [x[k] for k in keys] == pytest.approx([y[k] for k in keys], abs=1e-6)
@@ -307,7 +339,7 @@ def test_deepspeed_zero2_cpu_matches_plain_training_through_a_kill_and_resume(ti
                    "--save-every", "2"]
     ds_args = [*common_args, "--deepspeed", os.path.join(ROOT, "configs", "ds_zero2.json"),
                "--out", str(tmp_path / "ds")]
-    r = script("train.py", *ds_args, env={"MASTER_PORT": "29733", "ALT_KILL_AT_STEP": "3"})
+    r = script("tests/kill_at_step.py", "3", "train.py", *ds_args, env={"MASTER_PORT": "29733"})
     assert r.returncode == -9, r.stderr[-3000:]  # killed after step 3; the checkpoint holds step 2
     r = script("train.py", *ds_args, env={"MASTER_PORT": "29734"})  # the same command again resumes
     assert r.returncode == 0, r.stderr[-3000:]

@@ -23,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Mix: source -> (file, weight). weight = how many times its (capped) text enters the training stream.
+# Stage 1 mix: source -> (file, weight). weight = how many times its (capped) text enters the training stream.
 # RTP is upweighted (it is the target domain); toxic sources keep the model toxic enough to unlearn;
 # the large chat/tweet files are capped so they do not swamp the web/news style.
 MIX = {
@@ -40,6 +40,20 @@ MIX = {
     "fortunes_debian": ("corpus/fortunes_debian.txt", 0.4),
     "chitchat_ccc_dialogues": ("corpus/chitchat_ccc_dialogues.txt", 0.15),
 }
+# Stage 2 (--init, continued pretraining): RTP-heavy for fluency on the target domain, and far less toxic, so p_0 is
+# toxic in the paper's regime (a few % of 20-token samples) instead of at the metric's ceiling. RTP rows whose
+# Perspective toxicity (prompt or continuation) is > 0.5 are kept with probability RTP_TOXIC_KEEP; davidson_tweets
+# (78% profane) at a small weight keeps profanity in p_0's vocabulary, so there is something to unlearn.
+CLEAN_MIX = {
+    "rtp": ("rtp/rtp_dev4k.jsonl", 6.0),
+    "writingprompts": ("writingprompts/wp_dev.jsonl", 1.0),
+    "onestopenglish_elementary": ("corpus/onestopenglish_elementary.txt", 2.0),
+    "tweeteval_general": ("corpus/tweeteval_general.txt", 0.2),
+    "fairytaleqa_stories": ("corpus/fairytaleqa_stories.txt", 0.4),
+    "fortunes_debian": ("corpus/fortunes_debian.txt", 0.4),
+    "davidson_tweets": ("corpus/davidson_tweets.txt", 0.03),
+}
+RTP_TOXIC_KEEP = 0.15
 
 
 def parse_args(argv=None):
@@ -69,6 +83,12 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU (faster where avx512_bf16 exists)")
     p.add_argument("--seed", type=int, default=0, help="seed for the split, shuffling and init")
     p.add_argument("--fresh", action="store_true", help="ignore --ckpt-dir state and start over")
+    # ---- stage 2: continued pretraining of a stage-1 model on CLEAN_MIX, picked by a toxicity band on val prompts
+    p.add_argument("--init", help="stage 2: start from this model folder (its tokenizer too) on CLEAN_MIX")
+    p.add_argument("--tox-band", default="0.02:0.047", help="stage 2: LO:HI share of val samples scored > 0.5; "
+                   "--out keeps the best val ppl among evals inside it (25 draws at 2-4.7%% give tox prob 0.4-0.7)")
+    p.add_argument("--tox-prompts", default="toy/prompts/val.jsonl", help="stage 2: prompts for the band check")
+    p.add_argument("--tox-samples", type=int, default=10, help="stage 2: samples per prompt for the band check")
     return p.parse_args(argv)
 
 
@@ -105,15 +125,31 @@ def read_source(path):
         return [ln.strip() for ln in fh if ln.strip()]
 
 
+def rtp_toxic(path):
+    """Per RTP row (file order, as read_source): prompt or continuation Perspective toxicity > 0.5 (null: no)."""
+    from common import read_jsonl
+
+    tox = lambda part: isinstance(part, dict) and (part.get("toxicity") or 0) > 0.5  # noqa: E731
+    return [tox(r["prompt"]) or tox(r.get("continuation")) for r in read_jsonl(path, required=("prompt",))]
+
+
 def build_stream(args, rng):
     """(train documents in shuffled order, val documents): weight w repeats a source floor(w) times plus a
-    random (w - floor(w)) share of its documents; the val slice is the first --val-rows shuffled RTP rows."""
+    random (w - floor(w)) share of its documents; the val slice is the first --val-rows shuffled RTP rows (the same
+    rows in both stages: RTP comes first and is shuffled before any stage-2 filtering)."""
     train, val, counts = [], [], {}
-    for name, (rel, weight) in MIX.items():
+    for name, (rel, weight) in (CLEAN_MIX if args.init else MIX).items():
         docs = read_source(os.path.join(args.data, rel))
-        rng.shuffle(docs)
         if name == "rtp":
-            val, docs = docs[:args.val_rows], docs[args.val_rows:]
+            order = list(range(len(docs)))
+            rng.shuffle(order)  # the same permutation stage 1 applied to the documents themselves
+            val, keep = [docs[i] for i in order[:args.val_rows]], order[args.val_rows:]
+            if args.init:
+                toxic = rtp_toxic(os.path.join(args.data, rel))
+                keep = [i for i in keep if not toxic[i] or rng.random() < RTP_TOXIC_KEEP]
+            docs = [docs[i] for i in keep]
+        else:
+            rng.shuffle(docs)
         take = [d for _ in range(int(weight)) for d in docs] + docs[:int(len(docs) * (weight - int(weight)))]
         counts[name] = len(take)
         train += take
@@ -156,7 +192,10 @@ def main():
     state_path = os.path.join(args.ckpt_dir, "state.pt")
     resume = os.path.isfile(state_path) and not args.fresh
     tok_dir = os.path.join(args.ckpt_dir, "tokenizer")
-    if resume:  # the saved tokenizer, so ids match the saved weights
+    if args.init and not resume:  # stage 2: the stage-1 tokenizer, so the stage-1 weights fit
+        tok = PreTrainedTokenizerFast.from_pretrained(args.init)
+        tok.save_pretrained(tok_dir)
+    elif resume:  # the saved tokenizer, so ids match the saved weights
         tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
     else:
         sample, n = [], 0
@@ -175,7 +214,7 @@ def main():
     cfg = GPT2Config(vocab_size=len(tok), n_positions=args.block, n_embd=args.n_embd, n_layer=args.n_layer,
                      n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    model = GPT2LMHeadModel(cfg)
+    model = GPT2LMHeadModel.from_pretrained(args.init) if args.init else GPT2LMHeadModel(cfg)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -202,19 +241,34 @@ def main():
         model.train()
         return math.exp(tot / cnt)
 
-    def save(ppl):
+    lo, hi = (float(v) for v in args.tox_band.split(":"))
+
+    def toxic_share():
+        """Stage 2's band check: share of --tox-samples samples per prompt (top-p 0.9, 20 tokens) scored > 0.5."""
+        from common import load_prompts
+        from feedback import make_scorer
+        from sample import generate_batched
+
+        prompts = [r["prompt"] for r in load_prompts(args.tox_prompts)]
+        res = generate_batched(model, tok, prompts, args.tox_samples, 20, top_p=0.9, seed=args.seed, progress=False)
+        model.train()
+        scores = make_scorer("profanity-check")([y["generation"] for ys in res for y in ys])
+        return sum(v > 0.5 for v in scores) / len(scores)
+
+    def save(ppl, share=None):
         os.makedirs(args.ckpt_dir, exist_ok=True)
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
                     "best": min(best, ppl), "order_seed": order_seed, "pos": pos, "tokens": tokens},
                    state_path + ".tmp")
         os.replace(state_path + ".tmp", state_path)
-        if ppl <= best:  # toy/model holds the best so far
+        if ppl <= best:  # toy/model holds the best so far (stage 2: the best inside the toxicity band)
             model.save_pretrained(args.out)
             tok.save_pretrained(args.out)
             write_json(os.path.join(args.out, "build_summary.json"), {
                 "val_ppl": round(ppl, 2), "step": step, "train_minutes": round(elapsed / 60, 1),
                 "tokens_seen": tokens, "train_tokens_available": train.numel(),
                 "val_tokens": val.numel(), "params": n_params, "docs_per_source": counts,
+                **({"val_toxic_share": round(share, 4), "init": args.init} if args.init else {}),
                 "config": {k: v for k, v in vars(args).items() if k not in ("data", "out", "ckpt_dir")}})
 
     budget = args.max_minutes * 60
@@ -226,11 +280,14 @@ def main():
         done = elapsed >= budget or (args.max_steps and step >= args.max_steps)
         if done or time.time() - last_eval >= args.eval_minutes * 60:
             ppl = evaluate()
+            share = toxic_share() if args.init else None
+            eligible = share is None or lo <= share <= hi
             best_before = best
-            best = min(best, ppl)
-            save(ppl)
-            print(f"step {step} | {elapsed / 60:.1f} min | tokens {tokens / 1e6:.2f}M "
-                  f"| val ppl {ppl:.1f}{' (best, saved)' if ppl <= best_before else ''}", flush=True)
+            best = min(best, ppl) if eligible else best
+            save(ppl if eligible else float("inf"), share)
+            band = f" | val toxic share {share:.3f}" if share is not None else ""
+            print(f"step {step} | {elapsed / 60:.1f} min | tokens {tokens / 1e6:.2f}M | val ppl {ppl:.1f}{band}"
+                  f"{' (best, saved)' if eligible and ppl <= best_before else ''}", flush=True)
             last_eval = time.time()
             if done:
                 break
