@@ -59,6 +59,8 @@ p("--scorer", default="profanity-check", help="toxicity scorer: profanity-check 
 p("--quantiles", type=int, default=5, help="K reward quantiles (paper: 5)")
 p("--scope", default="global", choices=["global", "prompt"], help="quantiles over D_k (paper: toxicity) | per prompt")
 p("--tags", default="toxicity", help="quantile tags, best first: toxicity | summarization | a,b,c (paper: toxicity)")
+p("--scorer-is-reward", action="store_true", help="the scorer gives a reward, higher = better "
+  "(e.g. a TL;DR reward model): r = s, not 1 - s")
 p("--qps", type=float, default=1.0, help="Perspective requests per second (paper: the API's default quota, 1)")
 p("--batch-size", type=int, default=256, help="texts per scorer batch")
 p("--base-url", default=None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (default: OpenAI; key "
@@ -345,7 +347,8 @@ def main(argv=None):
         score = make_scorer(args.scorer, qps=args.qps, batch_size=args.batch_size)
         print(f"scoring {len(new)} new rows with {args.scorer} ({len(pool)} pool rows keep their reward)")
         for r, t in zip(new, score([r["generation"] for r in new])):
-            r["reward"] = 1.0 - t if t is not None and math.isfinite(t) else None  # r = 1 - toxicity
+            ok = t is not None and math.isfinite(t)
+            r["reward"] = (t if args.scorer_is_reward else 1.0 - t) if ok else None  # 1 - toxicity
         counts["reward_null"] = sum(r["reward"] is None for r in new)
         counts |= {f"scorer_{k}": v for k, v in getattr(score, "errors", {}).items()}
         if new and counts["reward_null"] == len(new):

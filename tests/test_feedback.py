@@ -11,6 +11,7 @@ import pytest
 
 import feedback
 from common import AltError, quantile_token, read_jsonl
+from conftest import TOXIC_BERT_LABELS, run_cli
 from stub_servers import judge_target, openai_stub, perspective_stub
 
 SENTINEL = "sk-SENTINEL-7f3a9c-do-not-log"
@@ -203,25 +204,6 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
 
 
 # ----------------------------------------------------------------------------- hf:MODEL[:LABEL]
-@pytest.fixture(scope="module")
-def tiny_classifier(tiny_model_dir, tmp_path_factory):
-    """Randomly initialised 1-layer GPT-2 classifiers (2 labels softmax, 1 label sigmoid), saved locally."""
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    dirs = {}
-    for n, labels in ((2, {0: "neutral", 1: "toxic"}), (1, {0: "LABEL_0"})):
-        torch.manual_seed(n)
-        cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32, vocab_size=len(tok), num_labels=n,
-                         id2label=labels, label2id={v: k for k, v in labels.items()}, pad_token_id=tok.eos_token_id)
-        d = tmp_path_factory.mktemp(f"cls{n}")
-        GPT2ForSequenceClassification(cfg).save_pretrained(d)
-        tok.save_pretrained(d)
-        dirs[n] = str(d)
-    return dirs
-
-
 def test_hf_scorer_matches_unbatched_forward(tiny_classifier):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -243,6 +225,39 @@ def test_hf_scorer_matches_unbatched_forward(tiny_classifier):
         feedback.make_scorer(f"hf:{tiny_classifier[2]}:spicy")
     with pytest.raises(AltError, match="cannot load classifier"):
         feedback.make_scorer("hf:/nonexistent/classifier")
+
+
+def test_hf_scorer_label_of_the_hub_judges(tiny_classifier, tmp_path, monkeypatch, capsys):
+    """hf:MODEL:LABEL picks the named column, as the Hub judges need: unitary/toxic-bert `toxic`
+    (6 sigmoid labels), s-nlp/roberta_toxicity_classifier `toxic`, dynabench-r4 `hate`."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    multi = tiny_classifier["multi"]
+    texts = ["the cat sat on the mat", "you idiot", "shut up", "a", "good day"]
+    tok = AutoTokenizer.from_pretrained(multi)
+    model = AutoModelForSequenceClassification.from_pretrained(multi)
+    with torch.no_grad():
+        probs = torch.sigmoid(model(**tok(texts[:1], return_tensors="pt")).logits)[0]  # per label
+    for label in ("toxic", "insult"):
+        got = feedback.make_scorer(f"hf:{multi}:{label}")(texts[:1])
+        assert np.allclose(got, [probs[TOXIC_BERT_LABELS.index(label)].item()], atol=1e-5)
+    for key, label, col in ((2, "toxic", 1), ("hate", "hate", 1), ("hate", "NotHate", 0)):
+        by_name = feedback.make_scorer(f"hf:{tiny_classifier[key]}:{label}")(texts)
+        assert by_name == feedback.make_scorer(f"hf:{tiny_classifier[key]}:{col}")(texts)
+    # through feedback.py: r = 1 - p(hate); --scorer-is-reward keeps a reward model's direction
+    spec = f"hf:{tiny_classifier['hate']}:hate"
+    samples = write_rows(tmp_path / "s.jsonl", sample_rows(texts))
+    p_hate = feedback.make_scorer(spec)(texts)
+    for extra, want in (([], [1 - v for v in p_hate]), (["--scorer-is-reward"], p_hate)):
+        out = str(tmp_path / f"pool{len(extra)}.jsonl")
+        code, _, err = run_cli("feedback", ["--method", "alt-rm", "--samples", samples, "--out",
+                                            out, "--scorer", spec, *extra], monkeypatch, capsys)
+        assert code == 0, err
+        rows = read_jsonl(out)
+        assert np.allclose([r["reward"] for r in rows], want, atol=1e-6)
+        best = next(r for r in rows if r["feedback"] == TOX[0])  # "Lowest Toxicity"
+        assert best["reward"] == max(r["reward"] for r in rows)
 
 
 # ----------------------------------------------------------------------------- strict LLM parsing
