@@ -40,8 +40,8 @@ def _fake_data(root, n=30):
             for i, d in enumerate(docs):
                 if rel.endswith(".jsonl"):
                     row = {"prompt": {"text": d}}
-                    if name == "rtp":
-                        row["continuation"] = {"text": f" cont {i}"}
+                    if name == "rtp":  # every third row toxic by Perspective (stage 2 keeps few of them)
+                        row["continuation"] = {"text": f" cont {i}", "toxicity": 0.9 if i % 3 == 0 else 0.1}
                     fh.write(json.dumps(row) + "\n")
                 else:
                     fh.write(d + "\n")
@@ -65,6 +65,20 @@ def test_build_stream_holds_out_rtp_and_applies_weights(tmp_path):
     assert blocks.shape[1] == 16 and len(flat) == n_ids // 16 * 16  # full blocks only, remainder dropped
     # EOS closes each document: decoding up to the first EOS gives the first document back
     assert tok.decode(flat[:flat.index(tok.eos_token_id)]) == train[0]
+
+
+def test_stage_two_keeps_the_val_rows_and_drops_most_toxic_rtp_rows(tmp_path):
+    from toy.build_toy_model import CLEAN_MIX, RTP_TOXIC_KEEP, build_stream, parse_args
+
+    _fake_data(tmp_path, n=300)
+    one = build_stream(parse_args(["--data", str(tmp_path), "--val-rows", "20"]), random.Random(0))
+    two = build_stream(parse_args(["--data", str(tmp_path), "--val-rows", "20", "--init", "m"]), random.Random(0))
+    assert one[1] == two[1]  # the same held-out rows in both stages: val perplexities are comparable
+    assert set(two[2]) == set(CLEAN_MIX) and "civil_comments_toxic_spans" not in two[2]
+    rows = {d for d in two[0] if d.startswith("rtp doc")}
+    toxic = sum(int(d.split()[2]) % 3 == 0 for d in rows)
+    assert 0 < toxic < 0.5 * (len(rows) - toxic)  # a third toxic before; RTP_TOXIC_KEEP of them kept
+    assert RTP_TOXIC_KEEP < 0.5
 
 
 @pytest.mark.slow
