@@ -53,6 +53,7 @@ def here(*parts):
 
 
 TOY = here("toy", "model")
+TOY_JUDGE = "hf:" + here("toy", "scorer")
 METHODS = ("alt-rm", "quark", "alt-lmc", "alt-lmu", "steerlm", "dpo")
 CURVES = (("avg_max_toxicity", "avg-max toxicity"), ("toxicity_prob", "toxicity prob"),
           ("fluency_ppl", "fluency ppl (p_0)"), ("dist_3", "dist-3"))
@@ -91,8 +92,9 @@ def build_parser():
       "evaluation (paper: 1.0; TL;DR sampling: 0.9)")
     a("--train-top-p", type=float, default=0.9, help="nucleus p when sampling D (paper: 1.0; toy: "
       "0.9, since the weak toy LM's full-nucleus samples are mostly noise, costly to fit)")
-    a("--scorer", default="profanity-check", help="judge for alt-rm/quark/dpo feedback and for "
-      "evaluation: profanity-check | hf:MODEL[:LABEL] | perspective (paper: Perspective)")
+    a("--scorer", default=TOY_JUDGE, help="judge for alt-rm/quark/dpo feedback and for evaluation: "
+      "profanity-check | hf:MODEL[:LABEL] | perspective (paper: Perspective; toy: the graded "
+      "toy/scorer, whose quantiles carry more than near-binary profanity-check's; see docs/ABLATIONS.md)")
     a("--train-samples", type=int, default=2400, help="rows of D_k drawn for each iteration's "
       "training, 0 = all (official toxicity: 2,000 steps x batch 32; toy: 2400 = 75 steps)")
     a("--epochs", type=int, default=2, help="passes over those rows per iteration (paper: "
@@ -102,10 +104,16 @@ def build_parser():
     a("--batch-size", type=int, default=32, help="train.py batch size (paper: 32; TL;DR: 8)")
     a("--beta", type=float, default=0.05, help="train.py KL coefficient (paper: 0.05 toxicity, "
       "no KL for TL;DR and HH)")
-    a("--alpha", type=float, default=0.06, help="train.py entropy coefficient (paper: 0.06)")
+    a("--alpha", type=float, default=0.0, help="train.py entropy coefficient (paper: 0.06; toy: 0, "
+      "since at the toy's lr the bonus outweighs what the tags teach and doubles perplexity)")
+    a("--eos-target", action=argparse.BooleanOptionalAction, default=False, help="train EOS after "
+      "a y that stopped (official toxicity code: no; without it the toy learns never to stop)")
     a("--eval-samples", type=int, default=10, help="y per eval prompt (paper: 25; toy: 10)")
     a("--eval-top-p", type=float, default=0.9, help="nucleus p for evaluation (paper: 0.9)")
-    a("--eval-scorer", default=None, help="evaluation's judge (default: --scorer)")
+    a("--eval-scorer", default="profanity-check", help="evaluation's judge (none: --scorer; toy: "
+      "profanity-check, a judge that training never sees)")
+    a("--extra-scorer", default=TOY_JUDGE, help="a second judge in every evaluation (toy: the "
+      "training judge, so each eval shows both; none: off)")
     a("--fluency-model", default=None, help="LM for fluency ppl (paper: gpt2-xl; default: p_0)")
     a("--seed", type=int, default=0, help="seed passed to every stage")
     a("--launcher", default="python", choices=("python", "torchrun", "deepspeed"),
@@ -140,6 +148,8 @@ def parse_args(argv=None):
                 p.error(f"{path}: unknown key {k!r} (keys are alt_loop.py flags, with underscores)")
             if v is None:
                 required += [] if k in given else [f"--{k.replace('_', '-')}"]
+            elif isinstance(v, bool):  # an on/off flag: --flag or --no-flag
+                preset.append(f"--{'' if v else 'no-'}{k.replace('_', '-')}")
             else:  # --flag=value: a value that starts with "--" (pass-through flags) stays a value
                 preset.append(f"--{k.replace('_', '-')}={v}")
         if required:
@@ -224,7 +234,8 @@ def check_config(args):
 
 def check_hub(args):
     """A Hub name without network costs ~25 s of retries per file in every stage; check once."""
-    judges = [s[3:].split(":")[0] for s in (args.scorer, args.eval_scorer) if s and s[:3] == "hf:"]
+    judges = [s[3:].split(":")[0] for s in (args.scorer, args.eval_scorer, args.extra_scorer)
+              if s and s[:3] == "hf:"]
     specs = [args.model, args.fluency_model, *judges]
     names = sorted({n for n in specs if n and not os.path.isdir(n)})
     if not names or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
@@ -253,11 +264,18 @@ def check_hub(args):
     print(f"[alt_loop] {endpoint} is unreachable: every stage runs with HF_HUB_OFFLINE=1")
 
 
+def none(value):
+    """A flag whose value 'none' turns a default off."""
+    return None if value in (None, "none") else value
+
+
 def eval_flags(args, prompts):
     return ["--prompts", prompts, "--num-samples", args.eval_samples, "--top-p", args.eval_top_p,
             "--temperature", args.temperature, "--max-new-tokens", args.max_new_tokens,
-            "--scorer", args.eval_scorer or args.scorer, "--fluency-model",
-            args.fluency_model or args.model, "--seed", args.seed, *shlex.split(args.eval_args)]
+            "--scorer", none(args.eval_scorer) or args.scorer, "--fluency-model",
+            args.fluency_model or args.model, "--seed", args.seed,
+            *(["--extra-scorer", args.extra_scorer] if none(args.extra_scorer) else []),
+            *shlex.split(args.eval_args)]
 
 
 def experiment(args):
@@ -296,6 +314,7 @@ def experiment(args):
         run(train_cmd(args, ["--data", f"{it}/pool.jsonl", "--model", prev_model, "--ref-model", p0,
                              "--out", f"{it}/model", "--epochs", args.epochs, "--lr", args.lr,
                              *(["--beta", args.beta, "--alpha", args.alpha] if alt else []),
+                             *(["--eos-target"] if alt and args.eos_target else []),
                              *(["--max-samples", args.train_samples]
                                if alt and args.train_samples > 0 else []),
                              "--batch-size", args.batch_size, "--seed", args.seed + k,

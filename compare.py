@@ -96,8 +96,9 @@ def main(argv=None):
     boot = {n: [{k: np.mean([metrics(p, d)[k] for p in s]) for k, _, _ in METRICS} for d in draws] for n, s in named}
     base = named[0][0]
     keys = [m for m in METRICS if not math.isnan(point[base][m[0]])]
-    lines = [f"n_prompts {len(ids)}, {args.draws} bootstrap draws over prompts; cells: seed mean [95% CI]; "
-             f"Δ: change against {base} [95% CI]", "",
+    head = (f"n_prompts {len(ids)}, {args.draws} bootstrap draws over prompts; cells: seed mean [95% CI]; "
+            f"Δ: change against {base} [95% CI]")
+    lines = [head, "",
              "| method | seeds | " + " | ".join(label for _, label, _ in keys) + " |",
              "|---|---:|" + "---:|" * len(keys)]
     for n, s in named:

@@ -235,3 +235,21 @@ def test_hh_preset_end_to_end_against_the_stub_judge(tiny_model_dir, split_dir, 
     assert {r["feedback"] for r in pool} <= set(cats) and all(r["feedback"] for r in pool)
     config = common.read_json(str(out / "config.json"))
     assert (config["beta"], config["lr"], config["epochs"]) == (0, 2e-05, 2)
+
+
+def test_toy_defaults_train_and_evaluate_on_different_judges(tmp_path):
+    """The toy trains on toy/scorer and evaluates with profanity-check (plus toy/scorer beside it); --eos-target
+    reaches train.py only for ALT (baselines/dpo.py has no such flag)."""
+    proc = run_loop(["--dry-run"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    fb, train, ev = (commands(proc.stdout, n)[0] for n in ("feedback.py", "train.py", "evaluate.py"))
+    assert "--scorer hf:" in fb and fb.split("--scorer hf:")[1].split()[0].endswith("toy/scorer")
+    assert "--scorer profanity-check" in ev and "--extra-scorer hf:" in ev
+    assert "--alpha 0.0" in train and "--eos-target" not in train
+    on = commands(run_loop(["--dry-run", "--eos-target"], cwd=tmp_path).stdout, "train.py")[0]
+    dpo = commands(run_loop(["--dry-run", "--eos-target", "--method", "dpo"], cwd=tmp_path).stdout,
+                   "dpo.py")[0]
+    assert "--eos-target" in on and "--eos-target" not in dpo
+    off = commands(run_loop(["--dry-run", "--eval-scorer", "none", "--extra-scorer", "none"],
+                            cwd=tmp_path).stdout, "evaluate.py")[0]
+    assert "--extra-scorer" not in off and "--scorer hf:" in off
