@@ -83,8 +83,9 @@ def parse_args(argv=None):
     for name in ("num_samples", "max_new_tokens", "batch_size", "score_batch_size", "ppl_batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0 <= args.min_new_tokens <= args.max_new_tokens:
-        p.error(f"--min-new-tokens must be in [0, --max-new-tokens], got {args.min_new_tokens}")
+    if args.min_new_tokens < 0:
+        p.error(f"--min-new-tokens must be >= 0, got {args.min_new_tokens}")
+    args.min_new_tokens = min(args.min_new_tokens, args.max_new_tokens)  # --max-new-tokens 2: EOS blocked for 2
     if not 0 < args.top_p <= 1:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.temperature < 0 or args.qps <= 0 or (args.max_prompts is not None and args.max_prompts < 1):

@@ -252,7 +252,8 @@ def test_table_columns():
     assert lines[0].split() == ["metric", "value", "[profanity-check]", "extra", "[hf:tox]", "baseline", "delta"]
     assert len({len(line) for line in lines}) == 1  # fixed width
     assert lines[2].split() == ["avg_max_toxicity", "0.2500", "0.5000", "0.7500", "-0.5000"]
-    assert lines[4].split()[1] == "-" and lines[-2].split()[-1] == "+0"
+    assert lines[4].split()[0] == "toxic_share" and lines[5].split()[:2] == ["fluency_ppl", "-"]
+    assert lines[-2].split()[-1] == "+0"
 
 
 # ----------------------------------------------------------------------------- end to end
