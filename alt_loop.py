@@ -366,12 +366,11 @@ def report(runs, out):
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.3))
     for ax, (key, title) in zip(axes, CURVES):
         for name, rows in data.items():
-            pts = [(k, e.get(key)) for k, e, _ in rows if e.get(key) is not None]
+            pts = [(n, e.get(key)) for _, e, n in rows if e.get(key) is not None]  # equal budget
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
         ax.set_title(title)
-        ax.set_xlabel("iteration")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("generations sampled")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
