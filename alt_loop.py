@@ -73,7 +73,7 @@ def build_parser():
     a("--dry-run", action="store_true", help="print every stage command, in order, run nothing")
     # ---- the experiment (defaults: the bundled toy, sized for <= 10 min on 2 CPU cores)
     a("--method", default="alt-rm", choices=METHODS, help="feedback provider (paper: ALT_RM for "
-      "toxicity); quark / steerlm are the paper's baselines, dpo runs baselines/dpo.py")
+      "toxicity); quark / steerlm are the paper's baselines, dpo runs python -m baselines.dpo")
     a("--iterations", type=int, default=3, help="ALT iterations N (official toxicity run: 16 "
       "sampling rounds, one every 2,000 steps; toy: 3)")
     a("--model", default=TOY, help="initial model p_0 (paper: gpt2-large, 774M; toy: toy/model)")
@@ -170,8 +170,24 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- running stages
+def repo_module(cmd):
+    """Whether cmd runs one of the repo's modules (python -m baselines.dpo): it needs the repo importable."""
+    return any(a == "-m" and os.path.isfile(os.path.join(ROOT, *b.split(".")) + ".py")
+               for a, b in zip(cmd, cmd[1:]))
+
+
 def show(cmd):
-    return " ".join("python" if c == sys.executable else shlex.quote(c) for c in cmd)
+    shown = " ".join("python" if c == sys.executable else shlex.quote(c) for c in cmd)
+    if repo_module(cmd) and here() != ".":  # typed outside the repo root, a module needs it on the path
+        shown = f"PYTHONPATH={shlex.quote(here())} {shown}"
+    return shown
+
+
+def child_env():
+    """The stages' environment: the caller's, with the repo root first on PYTHONPATH, so that a repo module
+    (python -m baselines.dpo) imports from any working folder."""
+    path = [ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
 
 
 def run(cmd, done_path, dry=False):
@@ -185,7 +201,7 @@ def run(cmd, done_path, dry=False):
         return
     print(f"\n[alt_loop] $ {shown}", flush=True)
     t0 = time.time()
-    if subprocess.run(cmd, check=False).returncode != 0:
+    if subprocess.run(cmd, check=False, env=child_env()).returncode != 0:
         raise AltError(f"stage failed: {shown}")
     if not os.path.exists(done_path):
         raise AltError(f"stage exited 0 but wrote no {done_path}: {shown}")
@@ -197,13 +213,13 @@ def py(script, *flags):
 
 
 def train_cmd(args, flags):
-    script = os.path.join("baselines", "dpo.py") if args.method == "dpo" else "train.py"
+    script = ["-m", "baselines.dpo"] if args.method == "dpo" else [here("train.py")]
     if args.launcher == "python":
-        return py(script, *flags)
+        return [sys.executable, *script, *[str(f) for f in flags]]
     dist = [sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc_per_node={args.nproc}"]
     ds = ["--deepspeed", here("configs", "ds_zero2.json")] if args.launcher == "deepspeed" else []
-    return [*dist, here(script), *[str(f) for f in flags], *ds]
+    return [*dist, *script, *[str(f) for f in flags], *ds]
 
 
 def exemplar_flags(meta_file, dry=False):

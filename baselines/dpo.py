@@ -15,25 +15,23 @@ Output --out DIR, as train.py: save_pretrained (safetensors) + tokenizer; DIR/tr
        epoch, loss, reward_acc, margin, chosen, rejected, lr, grad_norm, tokens, tokens_per_s}; DIR/train_summary.json
        (method "dpo", counts, final row, args). DIR/checkpoint/ holds the resume state while running; a finished DIR
        makes a rerun print "done".
-Launch (alt_loop.py --method dpo runs exactly this after sample.py and feedback.py --method alt-rm):
-    python baselines/dpo.py --data runs/toy-dpo/iter_2/pool.jsonl --model runs/toy-dpo/iter_1/model \
+Launch, from the repo root (elsewhere: PYTHONPATH=REPO); alt_loop.py --method dpo runs exactly this after sample.py
+and feedback.py --method alt-rm:
+    python -m baselines.dpo --data runs/toy-dpo/iter_2/pool.jsonl --model runs/toy-dpo/iter_1/model \
         --ref-model toy/model --out runs/toy-dpo/iter_2/model --beta 0.1 --lr 1e-4 --batch-size 32
 """
 import argparse
 import math
 import os
 import shutil
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: common, train
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import common  # noqa: E402
-import train  # noqa: E402
-from common import AltError  # noqa: E402
+import common
+import train
+from common import AltError
 
 
 def parse_args(argv=None):

@@ -26,8 +26,8 @@ Output --out RUN: RUN/ppo_log.jsonl, a row per update {update, generations, scor
        prints "done" (a larger --updates extends it).
        With --eval, evaluate.py measures p_0 into RUN/iter_0/eval and each checkpoint into RUN/iter_k/eval, with
        alt_loop.py's flags, so the run folder compares directly with ALT's.
-Launch:
-    python baselines/ppo.py --model toy/model --prompts toy/prompts/train.jsonl --out runs/toy-ppo --eval
+Launch, from the repo root (elsewhere: PYTHONPATH=REPO):
+    python -m baselines.ppo --model toy/model --prompts toy/prompts/train.jsonl --out runs/toy-ppo --eval
     python evaluate.py --model runs/toy-ppo/iter_1/model --condition none --out runs/toy-ppo/iter_1/eval \
         --prompts toy/prompts/val.jsonl --num-samples 10 --seed 0 --fluency-model toy/model      # what --eval runs
     python alt_loop.py --compare runs/toy-alt-rm runs/toy-quark runs/toy-dpo runs/toy-ppo --out runs/compare
@@ -42,16 +42,14 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: common, train, ...
+import torch
+from safetensors.torch import load_file, save_file
 
-import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-import common  # noqa: E402
-import train  # noqa: E402
-from common import AltError  # noqa: E402
-from feedback import make_scorer  # noqa: E402
-from sample import generate_batched  # noqa: E402
+import common
+import train
+from common import AltError
+from feedback import make_scorer
+from sample import generate_batched
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 rel = lambda *p: os.path.relpath(os.path.join(ROOT, *p))  # noqa: E731  repo paths, short in printed commands

@@ -10,28 +10,27 @@ The batch: --prompts toy train prompts x 2 samples of <= 20 tokens drawn from th
 tokens/s = the batch's (x, y) tokens / seconds of one step, the same numerator everywhere, so a ratio is the inverse
 cost ratio per token of data learnt from. Steps are interleaved (one untimed warm-up each) and the median of --repeats
 is kept, so all three share the machine's noise. The last line holds the ratios (method / train.py).
-Run:  HF_HUB_OFFLINE=1 python bench/bench_baselines.py          (on a busy machine: OMP_NUM_THREADS=1)
+Run from the repo root:  HF_HUB_OFFLINE=1 python -m bench.bench_baselines     (on a busy machine: OMP_NUM_THREADS=1)
 """
 import argparse
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported (by sample)
+
+import torch
+
+import common
+import train
+from baselines import dpo, ppo
+from bench.bench_train import toy_model  # the same toy-or-random model as the train bench
+from feedback import TAG_SETS
+from sample import generate_batched
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # the repo root: common, train, sample, baselines
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import torch  # noqa: E402
-
-import common  # noqa: E402
-import train  # noqa: E402
-from baselines import dpo, ppo  # noqa: E402
-from feedback import TAG_SETS  # noqa: E402
-from bench_train import toy_model  # noqa: E402  (the same toy-or-random model as the train bench)
-from sample import generate_batched  # noqa: E402
 
 
 def main():

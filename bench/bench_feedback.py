@@ -1,6 +1,6 @@
 """Benchmark feedback.py: offline scorer throughput, LLM judge concurrency against a 100 ms stub, cached rerun.
 
-    python bench/bench_feedback.py        (about 15 s on 2 CPU cores; no network, no GPU)
+    python -m bench.bench_feedback        (from the repo root; about 15 s on 2 CPU cores; no network, no GPU)
 Targets: profanity-check >= 10k texts/s; judge requests/s at --concurrency 16 >= 10x that at 1; cached rerun sends 0.
 """
 import contextlib
@@ -8,15 +8,12 @@ import io
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 os.environ["HF_HUB_OFFLINE"] = "1"
-import feedback  # noqa: E402
-from stub_servers import openai_stub  # noqa: E402
+import feedback
+from tests.stub_servers import openai_stub
 
 WORDS = "the a cat dog sat on mat you are so stupid idiot nice kind people went to market today hate love".split()
 rng = random.Random(0)

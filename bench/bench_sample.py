@@ -1,7 +1,7 @@
 """bench_sample.py: generations/s of sample.py's code path vs a newcomer's per-prompt pipeline loop and raw batched
 model.generate, plus the share of prompt tokens that are padding. All numbers come from this one run.
 
-    python bench/bench_sample.py [--model toy/model] [--prompts toy/prompts/train.jsonl]
+    python -m bench.bench_sample [--model toy/model] [--prompts toy/prompts/train.jsonl]
 
 Targets (issue 4): sample.py >= 20x the per-prompt pipeline, >= 0.9x raw generate, padding <= 15% of prompt tokens.
 The batched paths run over the whole prompt file, so the timed padding is the padding a real run has.
@@ -12,19 +12,17 @@ Without toy/model it benchmarks a randomly initialised 4-layer x 256 GPT-2 with 
 import argparse
 import os
 import statistics
-import sys
 import time
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
+
+import torch
+import transformers
+
+import common
+from sample import generate_batched
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import torch  # noqa: E402
-import transformers  # noqa: E402
-
-import common  # noqa: E402
-from sample import generate_batched  # noqa: E402
-
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--model", default=os.path.join(ROOT, "toy", "model"), help="policy (default toy/model, else random)")
 p.add_argument("--prompts", default=os.path.join(ROOT, "toy", "prompts", "train.jsonl"), help="prompt JSONL")
@@ -50,8 +48,7 @@ if os.path.isfile(os.path.join(args.model, "config.json")):
     model, tok = common.load_policy(args.model, device, dtype)
     what = args.model
 else:
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from conftest import tiny_texts
+    from tests.conftest import tiny_texts
     from toy.build_toy_model import train_tokenizer
 
     tok = train_tokenizer(tiny_texts(), vocab_size=400)

@@ -10,28 +10,26 @@ Prints
      this machine's torch.mm FLOP/s in the same dtype, measured here: bf16 autocast (train.py --precision bf16) vs
      bf16 torch.mm, the target's ratio; on CPU also fp32 training vs fp32 torch.mm.
   4. peak RSS of this process.
-The last line holds the ratios.   Run:  HF_HUB_OFFLINE=1 python bench/bench_train.py [--quick]
+The last line holds the ratios.   Run from the repo root:  HF_HUB_OFFLINE=1 python -m bench.bench_train [--quick]
 """
 import argparse
 import os
 import random
 import resource
 import statistics
-import sys
 import tempfile
 import time
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported (by sample)
+
+import torch
+
+import common
+import train
+from feedback import TAG_SETS
+from sample import generate_batched
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import torch  # noqa: E402
-
-import common  # noqa: E402
-import train  # noqa: E402
-from feedback import TAG_SETS  # noqa: E402
-from sample import generate_batched  # noqa: E402
-
 TAGS = TAG_SETS["toxicity"]
 
 

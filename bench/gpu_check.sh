@@ -3,8 +3,8 @@
 # (The device tool runs it in the repo root, with $OUT as the folder whose files come back.)
 #   bash bench/gpu_check.sh            # about 5 minutes on one H200; every log lands in $OUT (default ./runs/gpu)
 # What it shows:
-#   1. bench_sample.py on cuda/bf16: sample.py vs the per-prompt pipeline (target >= 20x), raw generate, padding
-#   2. bench_train.py on cuda: KL step cost, padding share, bf16 MFU of a GPT-2-small step (target >= 30%)
+#   1. bench.bench_sample on cuda/bf16: sample.py vs the per-prompt pipeline (target >= 20x), raw generate, padding
+#   2. bench.bench_train on cuda: KL step cost, padding share, bf16 MFU of a GPT-2-small step (target >= 30%)
 #   3. train.py under torchrun with NCCL (1 rank), bf16 autocast, and a sample.py run from its output: the GPU paths
 #      the CPU test suite cannot reach
 set -uo pipefail
@@ -25,8 +25,8 @@ step() {  # step NAME TIMEOUT CMD...: run one check, keep its whole log, remembe
 }
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
-step bench_sample 150 $PY bench/bench_sample.py
-step bench_train 180 $PY bench/bench_train.py
+step bench_sample 150 $PY -m bench.bench_sample
+step bench_train 180 $PY -m bench.bench_train
 $PY sample.py --model toy/model --prompts toy/prompts/train.jsonl --out "$OUT/tmp/samples.jsonl" --num-samples 2 \
     --no-progress --overwrite >"$OUT/prep.log" 2>&1 &&
     $PY feedback.py --method alt-rm --scorer hf:toy/scorer --samples "$OUT/tmp/samples.jsonl" \

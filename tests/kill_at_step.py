@@ -11,7 +11,7 @@ import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
+import common
 
 kill_at, script = int(sys.argv[1]), sys.argv[2]
 append = common.append_jsonl

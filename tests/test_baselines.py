@@ -122,11 +122,11 @@ def test_dpo_two_steps_save_a_loadable_model(tmp_path, tiny_model_dir, capsys):
     rows = [pool_row(i, j, 0.1 * j + 0.01 * i, gens[j]) for i in range(8) for j in range(3)] + [pool_row(9, 0, 0.4)]
     common.write_jsonl(tmp_path / "pool.jsonl", rows)
     out = tmp_path / "model"
-    cmd = [sys.executable, os.path.join(ROOT, "baselines", "dpo.py"), "--data", str(tmp_path / "pool.jsonl"),
+    cmd = [sys.executable, "-m", "baselines.dpo", "--data", str(tmp_path / "pool.jsonl"),
            "--model", tiny_model_dir, "--ref-model", tiny_model_dir, "--out", str(out), "--epochs", "1",
            "--lr", "1e-3", "--batch-size", "4", "--seed", "1", "--min-margin", "0"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["method"] == "dpo" and summary["steps"] == 2 and summary["counts"]["single_sample"] == 1
@@ -137,7 +137,7 @@ def test_dpo_two_steps_save_a_loadable_model(tmp_path, tiny_model_dir, capsys):
     model, _ = load(str(out))
     assert model.config.n_layer == 2
     capsys.readouterr()
-    dpo.main(cmd[2:])  # a finished --out: the rerun stops at once
+    dpo.main(cmd[3:])  # a finished --out: the rerun stops at once
     assert capsys.readouterr().out.strip() == "done"
 
 

@@ -19,9 +19,11 @@ TABLE_3 = {"lr": 1e-05, "beta": 0.05, "alpha": 0.06, "batch_size": 32, "max_new_
 
 
 def commands(stdout, script):
-    """The printed `python SCRIPT ...` lines (SCRIPT relative to the working folder)."""
-    return [c for c in stdout.splitlines()
-            if c.startswith("python ") and c.split()[1].rsplit("/", 1)[-1] == script]
+    """The printed `python SCRIPT ...` lines (SCRIPT relative to the working folder), or for a module
+    `[PYTHONPATH=REPO ]python -m MODULE ...` (script "MODULE")."""
+    lines = [c.split(" ", 1)[1] if c.startswith("PYTHONPATH=") else c for c in stdout.splitlines()]
+    return [c for c in lines if c.startswith("python ") and (c.split()[1].rsplit("/", 1)[-1] == script
+                                                             or c.split()[1:3] == ["-m", script])]
 
 
 # ----------------------------------------------------------------------------- the RTP splits
@@ -248,7 +250,7 @@ def test_toy_defaults_train_and_evaluate_on_different_judges(tmp_path):
     assert "--alpha 0.0" in train and "--eos-target" not in train
     on = commands(run_loop(["--dry-run", "--eos-target"], cwd=tmp_path).stdout, "train.py")[0]
     dpo = commands(run_loop(["--dry-run", "--eos-target", "--method", "dpo"], cwd=tmp_path).stdout,
-                   "dpo.py")[0]
+                   "baselines.dpo")[0]
     assert "--eos-target" in on and "--eos-target" not in dpo
     off = commands(run_loop(["--dry-run", "--eval-scorer", "none", "--extra-scorer", "none"],
                             cwd=tmp_path).stdout, "evaluate.py")[0]

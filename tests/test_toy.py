@@ -86,23 +86,23 @@ def test_build_script_trains_saves_and_resumes(tmp_path):
     """A 3-step build on fake data saves a loadable model; rerunning with a larger budget resumes."""
     data, out, ckpt = tmp_path / "data", tmp_path / "model", tmp_path / "ckpt"
     _fake_data(data, n=40)
-    cmd = [sys.executable, os.path.join(ROOT, "toy", "build_toy_model.py"), "--data", str(data), "--out", str(out),
+    cmd = [sys.executable, "-m", "toy.build_toy_model", "--data", str(data), "--out", str(out),
            "--ckpt-dir", str(ckpt), "--val-rows", "8", "--vocab-size", "300", "--n-layer", "1", "--n-embd", "32",
            "--n-head", "2", "--block", "16", "--batch", "4", "--warmup", "2", "--threads", "1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run(cmd + ["--max-steps", "3"], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(cmd + ["--max-steps", "3"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "final: val ppl" in r.stdout
     summary = json.loads((out / "build_summary.json").read_text())
     assert summary["step"] == 3 and summary["val_ppl"] > 1
-    r = subprocess.run(cmd + ["--max-steps", "5"], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(cmd + ["--max-steps", "5"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stdout and "after 5 steps" in r.stdout
 
 
 def test_missing_data_is_one_line_error(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "toy", "build_toy_model.py"), "--data", str(tmp_path)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "toy.build_toy_model", "--data", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 2
     assert r.stderr.startswith("build_toy_model.py: error: ") and "rtp_dev4k.jsonl: missing" in r.stderr
     assert "Traceback" not in r.stderr

@@ -128,7 +128,7 @@ def test_build_end_to_end_on_fake_data_then_done_and_bad_input(tmp_path):
     data, out = tmp_path / "data", tmp_path / "scorer"
     (data / "rtp").mkdir(parents=True)
     _fake_rtp(data / "rtp" / "rtp_dev4k.jsonl")
-    cmd = [sys.executable, os.path.join(ROOT, "toy", "build_toy_scorer.py"), "--data", str(data), "--out", str(out),
+    cmd = [sys.executable, "-m", "toy.build_toy_scorer", "--data", str(data), "--out", str(out),
            "--tokenizer", str(tmp_path / "none"), "--vocab-size", "300", "--n-layer", "1", "--n-embd", "16",
            "--n-head", "2", "--block", "32", "--epochs", "2", "--batch", "8", "--warmup", "2"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")

@@ -7,8 +7,9 @@ Input (development only, never copied into the repo): ../shared/data/
 Output: --out (toy/model): save_pretrained safetensors + tokenizer + config, and build_summary.json.
     The folder always holds the best model so far (by val perplexity), so a stopped run leaves a usable model.
 
-Launch (about 45 min on 2 CPU threads; --max-minutes stops it and the lr schedule fits that wall-clock budget):
-    python toy/build_toy_model.py --data ../shared/data --out toy/model --max-minutes 45
+Launch from the repo root (about 45 min on 2 CPU threads; --max-minutes stops it and the lr schedule fits that
+wall-clock budget):
+    python -m toy.build_toy_model --data ../shared/data --out toy/model --max-minutes 45
 Resume after a crash or Ctrl-C: rerun the same line (state is in --ckpt-dir); --fresh starts over.
 
 Objective: the next-token loss of p_0 on packed blocks, -1/T sum_t log p_0(w_t | w_<t); documents are joined with
@@ -18,10 +19,7 @@ import argparse
 import math
 import os
 import random
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Stage 1 mix: source -> (file, weight). weight = how many times its (capped) text enters the training stream.
 # RTP is upweighted (it is the target domain); toxic sources keep the model toxic enough to unlearn;
@@ -57,7 +55,7 @@ RTP_TOXIC_KEEP = 0.15
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="build_toy_model.py", description=__doc__.splitlines()[0])
     # ---- data
     p.add_argument("--data", default="../shared/data", help="folder with rtp/, writingprompts/, corpus/")
     p.add_argument("--out", default="toy/model", help="output model folder (best val perplexity so far)")

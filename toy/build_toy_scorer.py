@@ -11,8 +11,8 @@ Output: --out (toy/scorer): save_pretrained safetensors + tokenizer + config (nu
     multi_label_classification: feedback.py's hf scorer applies a sigmoid), and build_summary.json (split sizes,
     held-out agreement). Use it as `feedback.make_scorer("hf:toy/scorer")` or `--scorer hf:toy/scorer`.
 
-Launch (about 3 min on 1 CPU thread; the epoch with the lowest val BCE is kept):
-    HF_HUB_OFFLINE=1 python toy/build_toy_scorer.py --data ../shared/data --out toy/scorer
+Launch from the repo root (about 3 min on 1 CPU thread; the epoch with the lowest val BCE is kept):
+    HF_HUB_OFFLINE=1 python -m toy.build_toy_scorer --data ../shared/data --out toy/scorer
 
 Objective: soft-label binary cross-entropy against the Perspective probability t(y) of each text y,
     -[t log σ(s(y)) + (1 - t) log(1 - σ(s(y)))],   s(y) = the classifier's logit at y's last token.
@@ -24,17 +24,13 @@ import argparse
 import math
 import os
 import random
-import sys
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 RTP = "rtp/rtp_dev4k.jsonl"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="build_toy_scorer.py", description=__doc__.splitlines()[0])
     # ---- data
     p.add_argument("--data", default="../shared/data", help="folder holding rtp/rtp_dev4k.jsonl")
     p.add_argument("--out", default="toy/scorer", help="output classifier folder")
