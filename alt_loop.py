@@ -29,6 +29,7 @@ Launch:
     python alt_loop.py --preset paper-toxicity --dry-run  # the paper's Table 3, stage by stage
     python alt_loop.py --compare runs/toy-alt-rm runs/toy-quark --out runs/compare
 """
+
 import argparse
 import glob
 import os
@@ -55,69 +56,162 @@ def here(*parts):
 TOY = here("toy", "model")
 TOY_JUDGE = "hf:" + here("toy", "scorer")
 METHODS = ("alt-rm", "quark", "alt-lmc", "alt-lmu", "steerlm", "dpo")
-CURVES = (("avg_max_toxicity", "avg-max toxicity"), ("toxicity_prob", "toxicity prob"),
-          ("fluency_ppl", "fluency ppl (p_0)"), ("dist_3", "dist-3"))
+CURVES = (
+    ("avg_max_toxicity", "avg-max toxicity"),
+    ("toxicity_prob", "toxicity prob"),
+    ("fluency_ppl", "fluency ppl (p_0)"),
+    ("dist_3", "dist-3"),
+)
 NOT_IN_PRESETS = ("preset", "dry_run", "compare")
 
 
 def build_parser():
-    names = sorted(os.path.basename(f)[:-len(".json")] for f in glob.glob(f"{PRESETS}/*.json"))
-    about = "".join(f"\n  {n:16s}{common.read_json(f'{PRESETS}/{n}.json').get('_about', '')}"
-                    for n in names)
-    p = argparse.ArgumentParser(prog="alt_loop.py", formatter_class=argparse.RawTextHelpFormatter,
-                                description="ALT Algorithm 1: sample -> feedback -> train -> eval.",
-                                epilog=f"presets (configs/presets/NAME.json):{about}")
+    names = sorted(os.path.basename(f)[: -len(".json")] for f in glob.glob(f"{PRESETS}/*.json"))
+    about = "".join(
+        f"\n  {n:16s}{common.read_json(f'{PRESETS}/{n}.json').get('_about', '')}" for n in names
+    )
+    p = argparse.ArgumentParser(
+        prog="alt_loop.py",
+        formatter_class=argparse.RawTextHelpFormatter,
+        description="ALT Algorithm 1: sample -> feedback -> train -> eval.",
+        epilog=f"presets (configs/presets/NAME.json):{about}",
+    )
     a = p.add_argument
-    a("--preset", choices=names, help="load configs/presets/NAME.json (listed below); flags given "
-      "here override it")
+    a(
+        "--preset",
+        choices=names,
+        help="load configs/presets/NAME.json (listed below); flags given here override it",
+    )
     a("--dry-run", action="store_true", help="print every stage command, in order, run nothing")
     # ---- the experiment (defaults: the bundled toy, sized for <= 10 min on 2 CPU cores)
-    a("--method", default="alt-rm", choices=METHODS, help="feedback provider (paper: ALT_RM for "
-      "toxicity); quark / steerlm are the paper's baselines, dpo runs python -m baselines.dpo")
-    a("--iterations", type=int, default=3, help="ALT iterations N (official toxicity run: 16 "
-      "sampling rounds, one every 2,000 steps; toy: 3)")
+    a(
+        "--method",
+        default="alt-rm",
+        choices=METHODS,
+        help="feedback provider (paper: ALT_RM for "
+        "toxicity); quark / steerlm are the paper's baselines, dpo runs python -m baselines.dpo",
+    )
+    a(
+        "--iterations",
+        type=int,
+        default=3,
+        help="ALT iterations N (official toxicity run: 16 "
+        "sampling rounds, one every 2,000 steps; toy: 3)",
+    )
     a("--model", default=TOY, help="initial model p_0 (paper: gpt2-large, 774M; toy: toy/model)")
-    a("--train-prompts", default=here("toy", "prompts", "train.jsonl"),
-      help="prompts x sampled every iteration (paper: the RTP train split, ~85k; toy: 600)")
-    a("--eval-prompts", default=here("toy", "prompts", "val.jsonl"),
-      help="prompts evaluated after every iteration (official code: a 5k RTP val split; toy: 100)")
-    a("--prompts-dir", default=None, help="DIR/train.jsonl and DIR/val.jsonl as --train-prompts "
-      "and --eval-prompts unless those are given (prepare_rtp_splits.py writes the paper's)")
+    a(
+        "--train-prompts",
+        default=here("toy", "prompts", "train.jsonl"),
+        help="prompts x sampled every iteration (paper: the RTP train split, ~85k; toy: 600)",
+    )
+    a(
+        "--eval-prompts",
+        default=here("toy", "prompts", "val.jsonl"),
+        help="prompts evaluated after every iteration (official code: a 5k RTP val split; toy: 100)",
+    )
+    a(
+        "--prompts-dir",
+        default=None,
+        help="DIR/train.jsonl and DIR/val.jsonl as --train-prompts "
+        "and --eval-prompts unless those are given (prepare_rtp_splits.py writes the paper's)",
+    )
     a("--out", default=None, help="run folder (default runs/PRESET-METHOD, runs/toy-METHOD)")
-    a("--num-samples", type=int, default=4, help="y per x per iteration (official toxicity code: "
-      "1, one sweep of the train prompts per round; TL;DR: 96; HH: 20; toy: 4)")
-    a("--max-new-tokens", type=int, default=20, help="tokens per y, sampling and evaluation "
-      "(paper: 20 toxicity, 64 TL;DR, 256 HH)")
-    a("--temperature", type=float, default=1.0, help="sampling temperature, sampling and "
-      "evaluation (paper: 1.0; TL;DR sampling: 0.9)")
-    a("--train-top-p", type=float, default=0.9, help="nucleus p when sampling D (paper: 1.0; toy: "
-      "0.9, since the weak toy LM's full-nucleus samples are mostly noise, costly to fit)")
-    a("--scorer", default=TOY_JUDGE, help="judge for alt-rm/quark/dpo feedback and for evaluation: "
-      "profanity-check | hf:MODEL[:LABEL] | perspective (paper: Perspective; toy: the graded "
-      "toy/scorer, whose quantiles carry more than near-binary profanity-check's; see docs/ABLATIONS.md)")
-    a("--train-samples", type=int, default=2400, help="rows of D_k drawn for each iteration's "
-      "training, 0 = all (official toxicity: 2,000 steps x batch 32; toy: 2400 = 75 steps)")
-    a("--epochs", type=int, default=2, help="passes over those rows per iteration (paper: "
-      "toxicity 1, TL;DR/HH 2; toy: 2)")
-    a("--lr", type=float, default=1e-3, help="learning rate (paper: 1e-5 for GPT-2 large; the "
-      "toy LM is 140x smaller, far from converged and trains 75 steps per iteration, so 100x)")
+    a(
+        "--num-samples",
+        type=int,
+        default=4,
+        help="y per x per iteration (official toxicity code: "
+        "1, one sweep of the train prompts per round; TL;DR: 96; HH: 20; toy: 4)",
+    )
+    a(
+        "--max-new-tokens",
+        type=int,
+        default=20,
+        help="tokens per y, sampling and evaluation (paper: 20 toxicity, 64 TL;DR, 256 HH)",
+    )
+    a(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="sampling temperature, sampling and evaluation (paper: 1.0; TL;DR sampling: 0.9)",
+    )
+    a(
+        "--train-top-p",
+        type=float,
+        default=0.9,
+        help="nucleus p when sampling D (paper: 1.0; toy: "
+        "0.9, since the weak toy LM's full-nucleus samples are mostly noise, costly to fit)",
+    )
+    a(
+        "--scorer",
+        default=TOY_JUDGE,
+        help="judge for alt-rm/quark/dpo feedback and for evaluation: "
+        "profanity-check | hf:MODEL[:LABEL] | perspective (paper: Perspective; toy: the graded "
+        "toy/scorer, whose quantiles carry more than near-binary profanity-check's; see docs/ABLATIONS.md)",
+    )
+    a(
+        "--train-samples",
+        type=int,
+        default=2400,
+        help="rows of D_k drawn for each iteration's "
+        "training, 0 = all (official toxicity: 2,000 steps x batch 32; toy: 2400 = 75 steps)",
+    )
+    a(
+        "--epochs",
+        type=int,
+        default=2,
+        help="passes over those rows per iteration (paper: toxicity 1, TL;DR/HH 2; toy: 2)",
+    )
+    a(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="learning rate (paper: 1e-5 for GPT-2 large; the "
+        "toy LM is 140x smaller, far from converged and trains 75 steps per iteration, so 100x)",
+    )
     a("--batch-size", type=int, default=32, help="train.py batch size (paper: 32; TL;DR: 8)")
-    a("--beta", type=float, default=0.05, help="train.py KL coefficient (paper: 0.05 toxicity, "
-      "no KL for TL;DR and HH)")
-    a("--alpha", type=float, default=0.0, help="train.py entropy coefficient (paper: 0.06; toy: 0, "
-      "since at the toy's lr the bonus outweighs what the tags teach and doubles perplexity)")
-    a("--eos-target", action=argparse.BooleanOptionalAction, default=False, help="train EOS after "
-      "a y that stopped (official toxicity code: no; without it the toy learns never to stop)")
+    a(
+        "--beta",
+        type=float,
+        default=0.05,
+        help="train.py KL coefficient (paper: 0.05 toxicity, no KL for TL;DR and HH)",
+    )
+    a(
+        "--alpha",
+        type=float,
+        default=0.0,
+        help="train.py entropy coefficient (paper: 0.06; toy: 0, "
+        "since at the toy's lr the bonus outweighs what the tags teach and doubles perplexity)",
+    )
+    a(
+        "--eos-target",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="train EOS after "
+        "a y that stopped (official toxicity code: no; without it the toy learns never to stop)",
+    )
     a("--eval-samples", type=int, default=10, help="y per eval prompt (paper: 25; toy: 10)")
     a("--eval-top-p", type=float, default=0.9, help="nucleus p for evaluation (paper: 0.9)")
-    a("--eval-scorer", default="profanity-check", help="evaluation's judge (none: --scorer; toy: "
-      "profanity-check, a judge that training never sees)")
-    a("--extra-scorer", default=TOY_JUDGE, help="a second judge in every evaluation (toy: the "
-      "training judge, so each eval shows both; none: off)")
+    a(
+        "--eval-scorer",
+        default="profanity-check",
+        help="evaluation's judge (none: --scorer; toy: "
+        "profanity-check, a judge that training never sees)",
+    )
+    a(
+        "--extra-scorer",
+        default=TOY_JUDGE,
+        help="a second judge in every evaluation (toy: the "
+        "training judge, so each eval shows both; none: off)",
+    )
     a("--fluency-model", default=None, help="LM for fluency ppl (paper: gpt2-xl; default: p_0)")
     a("--seed", type=int, default=0, help="seed passed to every stage")
-    a("--launcher", default="python", choices=("python", "torchrun", "deepspeed"),
-      help="how train.py is started")
+    a(
+        "--launcher",
+        default="python",
+        choices=("python", "torchrun", "deepspeed"),
+        help="how train.py is started",
+    )
     a("--nproc", type=int, default=2, help="processes for --launcher torchrun|deepspeed")
     a("--base-url", default=None, help="OpenAI-compatible judge (alt-lmc, alt-lmu, steerlm)")
     a("--llm-model", default=None, help="judge model name for the LLM methods")
@@ -161,24 +255,35 @@ def parse_args(argv=None):
     if args.iterations < 1 or args.num_samples < 1 or args.eval_samples < 1:
         p.error("--iterations, --num-samples and --eval-samples must be >= 1")
     if args.method in ("alt-lmc", "alt-lmu", "steerlm") and not args.base_url and not args.compare:
-        p.error(f"--method {args.method} asks an LLM judge: give --base-url (any OpenAI-compatible "
-                f"server)")
+        p.error(
+            f"--method {args.method} asks an LLM judge: give --base-url (any OpenAI-compatible "
+            f"server)"
+        )
     name = args.preset or "toy"
-    args.out = args.out or os.path.join("runs", "compare" if args.compare else name
-                                        if name.endswith(args.method) else f"{name}-{args.method}")
+    args.out = args.out or os.path.join(
+        "runs",
+        "compare"
+        if args.compare
+        else name
+        if name.endswith(args.method)
+        else f"{name}-{args.method}",
+    )
     return args
 
 
 # ----------------------------------------------------------------------------- running stages
 def repo_module(cmd):
     """Whether cmd runs one of the repo's modules (python -m baselines.dpo): it needs the repo importable."""
-    return any(a == "-m" and os.path.isfile(os.path.join(ROOT, *b.split(".")) + ".py")
-               for a, b in zip(cmd, cmd[1:]))
+    return any(
+        a == "-m" and os.path.isfile(os.path.join(ROOT, *b.split(".")) + ".py")
+        for a, b in zip(cmd, cmd[1:])
+    )
 
 
 def show(cmd):
     shown = " ".join("python" if c == sys.executable else shlex.quote(c) for c in cmd)
-    if repo_module(cmd) and here() != ".":  # typed outside the repo root, a module needs it on the path
+    if repo_module(cmd) and here() != ".":
+        # typed outside the repo root, a module needs it on the path
         shown = f"PYTHONPATH={shlex.quote(here())} {shown}"
     return shown
 
@@ -216,8 +321,13 @@ def train_cmd(args, flags):
     script = ["-m", "baselines.dpo"] if args.method == "dpo" else [here("train.py")]
     if args.launcher == "python":
         return [sys.executable, *script, *[str(f) for f in flags]]
-    dist = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={args.nproc}"]
+    dist = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.nproc}",
+    ]
     ds = ["--deepspeed", here("configs", "ds_zero2.json")] if args.launcher == "deepspeed" else []
     return [*dist, *script, *[str(f) for f in flags], *ds]
 
@@ -239,19 +349,26 @@ def check_config(args):
     path, default = os.path.join(args.out, "config.json"), vars(build_parser().parse_args([]))
     if os.path.exists(path):  # a key an older alt_loop did not write counts as its default
         old = common.read_json(path)
-        diff = [f"--{k.replace('_', '-')} {keep.get(k)!r} (was {old.get(k, default.get(k))!r})"
-                for k in sorted(set(old) | set(keep)) if k not in ("iterations", "preset")
-                and old.get(k, default.get(k)) != keep.get(k)]
+        diff = [
+            f"--{k.replace('_', '-')} {keep.get(k)!r} (was {old.get(k, default.get(k))!r})"
+            for k in sorted(set(old) | set(keep))
+            if k not in ("iterations", "preset") and old.get(k, default.get(k)) != keep.get(k)
+        ]
         if diff:
-            raise AltError(f"{path} was written with other settings: {'; '.join(diff)}. Use "
-                           f"another --out, or the same flags to resume")
+            raise AltError(
+                f"{path} was written with other settings: {'; '.join(diff)}. Use "
+                f"another --out, or the same flags to resume"
+            )
     common.write_json(path, {**keep, "iterations": args.iterations})
 
 
 def check_hub(args):
     """A Hub name without network costs ~25 s of retries per file in every stage; check once."""
-    judges = [s[3:].split(":")[0] for s in (args.scorer, args.eval_scorer, args.extra_scorer)
-              if s and s[:3] == "hf:"]
+    judges = [
+        s[3:].split(":")[0]
+        for s in (args.scorer, args.eval_scorer, args.extra_scorer)
+        if s and s[:3] == "hf:"
+    ]
     specs = [args.model, args.fluency_model, *judges]
     names = sorted({n for n in specs if n and not os.path.isdir(n)})
     if not names or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
@@ -271,11 +388,14 @@ def check_hub(args):
             return isinstance(try_to_load_from_cache(name, "config.json"), str)
         except ValueError:  # not a valid repo id either: a local path that does not exist
             return False
+
     missing = [n for n in names if not cached(n)]
     if missing:
-        raise AltError(f"{', '.join(missing)}: not a local folder, not in the Hub cache, and "
-                       f"{endpoint} is unreachable. Download it where there is network (`hf "
-                       f"download NAME`) or pass a local folder")
+        raise AltError(
+            f"{', '.join(missing)}: not a local folder, not in the Hub cache, and "
+            f"{endpoint} is unreachable. Download it where there is network (`hf "
+            f"download NAME`) or pass a local folder"
+        )
     os.environ["HF_HUB_OFFLINE"] = "1"  # the stages inherit it: cached files, no retries
     print(f"[alt_loop] {endpoint} is unreachable: every stage runs with HF_HUB_OFFLINE=1")
 
@@ -286,12 +406,26 @@ def none(value):
 
 
 def eval_flags(args, prompts):
-    return ["--prompts", prompts, "--num-samples", args.eval_samples, "--top-p", args.eval_top_p,
-            "--temperature", args.temperature, "--max-new-tokens", args.max_new_tokens,
-            "--scorer", none(args.eval_scorer) or args.scorer, "--fluency-model",
-            args.fluency_model or args.model, "--seed", args.seed,
-            *(["--extra-scorer", args.extra_scorer] if none(args.extra_scorer) else []),
-            *shlex.split(args.eval_args)]
+    return [
+        "--prompts",
+        prompts,
+        "--num-samples",
+        args.eval_samples,
+        "--top-p",
+        args.eval_top_p,
+        "--temperature",
+        args.temperature,
+        "--max-new-tokens",
+        args.max_new_tokens,
+        "--scorer",
+        none(args.eval_scorer) or args.scorer,
+        "--fluency-model",
+        args.fluency_model or args.model,
+        "--seed",
+        args.seed,
+        *(["--extra-scorer", args.extra_scorer] if none(args.extra_scorer) else []),
+        *shlex.split(args.eval_args),
+    ]
 
 
 def experiment(args):
@@ -299,51 +433,136 @@ def experiment(args):
     if not dry:
         for f in (args.train_prompts, args.eval_prompts) if args.prompts_dir else ():
             if not os.path.isfile(f):
-                raise AltError(f"{f}: no such file (the paper's RTP splits: python "
-                               f"prepare_rtp_splits.py --out {args.prompts_dir})")
+                raise AltError(
+                    f"{f}: no such file (the paper's RTP splits: python "
+                    f"prepare_rtp_splits.py --out {args.prompts_dir})"
+                )
         check_hub(args)
         check_config(args)
     ev = eval_flags(args, args.eval_prompts)
     if dry:
         print("# k = 0: p_0's baseline")
-    run(py("evaluate.py", "--model", p0, "--condition", "none", "--out", f"{out}/iter_0/eval", *ev),
-        f"{out}/iter_0/eval/eval.json", dry)
+    run(
+        py("evaluate.py", "--model", p0, "--condition", "none", "--out", f"{out}/iter_0/eval", *ev),
+        f"{out}/iter_0/eval/eval.json",
+        dry,
+    )
     prev_model, prev_pool = p0, None
     fb_method = "alt-rm" if args.method == "dpo" else args.method  # DPO needs only the rewards
-    llm = [] if not args.base_url else ["--base-url", args.base_url] + (
-        ["--llm-model", args.llm_model] if args.llm_model else [])
+    llm = (
+        []
+        if not args.base_url
+        else ["--base-url", args.base_url]
+        + (["--llm-model", args.llm_model] if args.llm_model else [])
+    )
     for k in range(1, args.iterations + 1):
         it = f"{out}/iter_{k}"
         if dry:
             print(f"# k = {k}: sample, feedback, train, evaluate")
         cond = [] if k == 1 or args.method == "dpo" else exemplar_flags(meta_path(prev_pool), dry)
-        run(py("sample.py", "--model", prev_model, "--prompts", args.train_prompts,
-               "--out", f"{it}/samples.jsonl", "--num-samples", args.num_samples,
-               "--max-new-tokens", args.max_new_tokens, "--top-p", args.train_top_p,
-               "--temperature", args.temperature, "--iteration", k, "--seed", args.seed + k, *cond,
-               *shlex.split(args.sample_args)), f"{it}/samples.jsonl", dry)
-        run(py("feedback.py", "--method", fb_method, "--samples", f"{it}/samples.jsonl",
-               *(["--pool", prev_pool] if prev_pool else []), "--out", f"{it}/pool.jsonl",
-               *(["--scorer", args.scorer] if fb_method in QUANTILE_METHODS else []), *llm,
-               *shlex.split(args.feedback_args)), f"{it}/pool.jsonl", dry)
+        run(
+            py(
+                "sample.py",
+                "--model",
+                prev_model,
+                "--prompts",
+                args.train_prompts,
+                "--out",
+                f"{it}/samples.jsonl",
+                "--num-samples",
+                args.num_samples,
+                "--max-new-tokens",
+                args.max_new_tokens,
+                "--top-p",
+                args.train_top_p,
+                "--temperature",
+                args.temperature,
+                "--iteration",
+                k,
+                "--seed",
+                args.seed + k,
+                *cond,
+                *shlex.split(args.sample_args),
+            ),
+            f"{it}/samples.jsonl",
+            dry,
+        )
+        run(
+            py(
+                "feedback.py",
+                "--method",
+                fb_method,
+                "--samples",
+                f"{it}/samples.jsonl",
+                *(["--pool", prev_pool] if prev_pool else []),
+                "--out",
+                f"{it}/pool.jsonl",
+                *(["--scorer", args.scorer] if fb_method in QUANTILE_METHODS else []),
+                *llm,
+                *shlex.split(args.feedback_args),
+            ),
+            f"{it}/pool.jsonl",
+            dry,
+        )
         alt = args.method != "dpo"  # baselines/dpo.py: its own β (DPO's), 1 pair per x
-        run(train_cmd(args, ["--data", f"{it}/pool.jsonl", "--model", prev_model, "--ref-model", p0,
-                             "--out", f"{it}/model", "--epochs", args.epochs, "--lr", args.lr,
-                             *(["--beta", args.beta, "--alpha", args.alpha] if alt else []),
-                             *(["--eos-target"] if alt and args.eos_target else []),
-                             *(["--max-samples", args.train_samples]
-                               if alt and args.train_samples > 0 else []),
-                             "--batch-size", args.batch_size, "--seed", args.seed + k,
-                             *shlex.split(args.train_args)]), f"{it}/model/train_summary.json", dry)
-        run(py("evaluate.py", "--model", f"{it}/model", "--out", f"{it}/eval", *ev,
-               *(["--condition", "none"] if args.method == "dpo" else [])), f"{it}/eval/eval.json",
-            dry)
+        run(
+            train_cmd(
+                args,
+                [
+                    "--data",
+                    f"{it}/pool.jsonl",
+                    "--model",
+                    prev_model,
+                    "--ref-model",
+                    p0,
+                    "--out",
+                    f"{it}/model",
+                    "--epochs",
+                    args.epochs,
+                    "--lr",
+                    args.lr,
+                    *(["--beta", args.beta, "--alpha", args.alpha] if alt else []),
+                    *(["--eos-target"] if alt and args.eos_target else []),
+                    *(
+                        ["--max-samples", args.train_samples]
+                        if alt and args.train_samples > 0
+                        else []
+                    ),
+                    "--batch-size",
+                    args.batch_size,
+                    "--seed",
+                    args.seed + k,
+                    *shlex.split(args.train_args),
+                ],
+            ),
+            f"{it}/model/train_summary.json",
+            dry,
+        )
+        run(
+            py(
+                "evaluate.py",
+                "--model",
+                f"{it}/model",
+                "--out",
+                f"{it}/eval",
+                *ev,
+                *(["--condition", "none"] if args.method == "dpo" else []),
+            ),
+            f"{it}/eval/eval.json",
+            dry,
+        )
         prev_model, prev_pool = f"{it}/model", f"{it}/pool.jsonl"
         if not dry:
             report([out], out)
     if args.prompts_dir:  # the held-out test split is for the final table only, run once by hand
-        last = py("evaluate.py", "--model", prev_model, "--out", f"{out}/test",
-                  *eval_flags(args, os.path.join(args.prompts_dir, "test.jsonl")))
+        last = py(
+            "evaluate.py",
+            "--model",
+            prev_model,
+            "--out",
+            f"{out}/test",
+            *eval_flags(args, os.path.join(args.prompts_dir, "test.jsonl")),
+        )
         print(("" if dry else "\n") + f"# then once, on the test split: {show(last)}")
 
 
@@ -376,8 +595,13 @@ def report(runs, out):
 
     if len(runs) == 1:  # one line per method run under runs/: draw the siblings too
         parent = os.path.dirname(os.path.abspath(runs[0]))
-        runs = sorted({os.path.abspath(r) for r in [*runs, *glob.glob(os.path.join(parent, "*"))]
-                       if os.path.isdir(os.path.join(r, "iter_0"))})
+        runs = sorted(
+            {
+                os.path.abspath(r)
+                for r in [*runs, *glob.glob(os.path.join(parent, "*"))]
+                if os.path.isdir(os.path.join(r, "iter_0"))
+            }
+        )
     data = {os.path.basename(os.path.normpath(r)): collect(r) for r in runs}
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.3))
     for ax, (key, title) in zip(axes, CURVES):
@@ -394,13 +618,16 @@ def report(runs, out):
     with common.atomic_open(os.path.join(out, "curves.png"), "wb") as fh:
         fig.savefig(fh, format="png", dpi=110)
     plt.close(fig)
-    lines = ["| run | iter | avg-max tox | tox prob | fluency ppl | dist-3 | generations sampled |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| run | iter | avg-max tox | tox prob | fluency ppl | dist-3 | generations sampled |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, rows in data.items():
         for k, e, sampled in rows:
-            f = lambda v: "n/a" if v is None else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
-            cells = [f(e.get(m)) for m in ("avg_max_toxicity", "toxicity_prob", "fluency_ppl",
-                                           "dist_3")]
+            f = lambda v: "n/a" if v is None else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"  # noqa: E731
+            cells = [
+                f(e.get(m)) for m in ("avg_max_toxicity", "toxicity_prob", "fluency_ppl", "dist_3")
+            ]
             lines.append(f"| {name} | {k} | {' | '.join(cells)} | {sampled} |")
     with common.atomic_open(os.path.join(out, "results.md")) as fh:
         fh.write("\n".join(lines) + "\n")
@@ -418,8 +645,10 @@ def main(argv=None):
     t0 = time.time()
     experiment(args)
     if not args.dry_run:
-        print(f"[alt_loop] finished {args.iterations} iterations in "
-              f"{(time.time() - t0) / 60:.1f} min: {args.out}/results.md")
+        print(
+            f"[alt_loop] finished {args.iterations} iterations in "
+            f"{(time.time() - t0) / 60:.1f} min: {args.out}/results.md"
+        )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ Datapool row, one JSON object per (x, y). D grows across iterations; every stage
 Conditioning template (the single source, used by sample, train and evaluate):
     condition(x, f) = f + "<|separator|>" + x        (x alone when f is None)
 """
+
 import contextlib
 import json
 import os
@@ -62,9 +63,12 @@ def read_jsonl(path, required=(), allow_empty=False, partial_ok=False):
         try:
             row = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise AltError(f"{path}:{i}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+            raise AltError(
+                f"{path}:{i}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+            ) from None
         except json.JSONDecodeError as e:
-            if partial_ok and i >= len(lines) - 1:  # a crash mid-append leaves at most one torn final line
+            if partial_ok and i >= len(lines) - 1:
+                # a crash mid-append leaves at most one torn final line
                 break
             raise AltError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(row, dict):
@@ -121,8 +125,10 @@ def read_json(path, kind=dict):
     except UnicodeDecodeError as e:
         raise AltError(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x})") from None
     if not isinstance(value, kind):
-        raise AltError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, "
-                       f"got {type(value).__name__}")
+        raise AltError(
+            f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, "
+            f"got {type(value).__name__}"
+        )
     return value
 
 
@@ -142,21 +148,31 @@ def load_prompts(spec, split="train", field=None):
         import datasets  # only when needed: it is slow to import
 
         try:
-            rows = (datasets.load_dataset("json", data_files=spec, split=split) if os.path.isfile(spec)
-                    else datasets.load_dataset(spec, split=split))
+            rows = (
+                datasets.load_dataset("json", data_files=spec, split=split)
+                if os.path.isfile(spec)
+                else datasets.load_dataset(spec, split=split)
+            )
         except Exception as e:  # offline Hub, unknown name, bad split: one clear line
-            raise AltError(f"cannot load prompts '{spec}' (split {split}): {type(e).__name__}: {e}") from None
+            raise AltError(
+                f"cannot load prompts '{spec}' (split {split}): {type(e).__name__}: {e}"
+            ) from None
     out = []
     for i, row in enumerate(rows):
         text = row
         for part in (field or "prompt").split("."):
             text = text.get(part) if isinstance(text, dict) else None
-        text = text.get("text") if isinstance(text, dict) else text  # the RTP shape {"prompt": {"text": ...}}
+        # the RTP shape {"prompt": {"text": ...}}
+        text = text.get("text") if isinstance(text, dict) else text
         if not isinstance(text, str):
-            raise AltError(f"{spec}: row {i + 1}: no string at '{field or 'prompt'}' (nor at its 'text')")
+            raise AltError(
+                f"{spec}: row {i + 1}: no string at '{field or 'prompt'}' (nor at its 'text')"
+            )
         pid = row.get("id", i)
         if isinstance(pid, bool) or not isinstance(pid, (int, str)):
-            raise AltError(f"{spec}: row {i + 1}: 'id' must be an int or a string, got {type(pid).__name__}")
+            raise AltError(
+                f"{spec}: row {i + 1}: 'id' must be an int or a string, got {type(pid).__name__}"
+            )
         out.append({"id": pid, "prompt": text})
     if not out:
         raise AltError(f"{spec}: no prompts")
@@ -184,7 +200,9 @@ def default_device_dtype():
 
 def control_token_ids(tokenizer):
     """Ids of the tokens ALT adds (separator, Quark quantiles): sampling must never generate them."""
-    return sorted(i for t, i in tokenizer.get_vocab().items() if t == SEPARATOR or t.startswith("<|quantile_"))
+    return sorted(
+        i for t, i in tokenizer.get_vocab().items() if t == SEPARATOR or t.startswith("<|quantile_")
+    )
 
 
 def load_policy(name_or_path, device=None, dtype=None, extra_tokens=(), trust_remote_code=False):
@@ -198,11 +216,15 @@ def load_policy(name_or_path, device=None, dtype=None, extra_tokens=(), trust_re
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
-    except Exception as e:  # OSError, ValueError, or UnpicklingError for a folder with only a pickled .bin
+            name_or_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+        )
+    except Exception as e:
+        # OSError, ValueError, or UnpicklingError for a folder with only a pickled .bin
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        raise AltError(f"cannot load model '{name_or_path}': not a local model folder and not loadable from the "
-                       f"Hub{offline}: {str(e).splitlines()[0]}") from None
+        raise AltError(
+            f"cannot load model '{name_or_path}': not a local model folder and not loadable from the "
+            f"Hub{offline}: {str(e).splitlines()[0]}"
+        ) from None
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -12,6 +12,7 @@ change against the baseline is a paired comparison); each seed's metric is compu
 seeds are averaged. The interval is the 2.5 and 97.5 percentiles over --draws draws. The metrics are evaluate.py's
 (eval.json), with the same drops: null scores, ppl >= 1e4.
 """
+
 import argparse
 import math
 import sys
@@ -42,12 +43,28 @@ def per_prompt(path, ids):
     if ids is not None and set(groups) != set(ids):
         raise AltError(f"{path}: evaluated on other prompts than the first folder")
     ids = ids or sorted(groups)
-    parts = {k: np.full(len(ids), np.nan) for k in ("max", "toxic", "scored", "xmax", "xtoxic", "xscored", "ppl",
-                                                     "ppl_n", "dist_3", "tokens", "n")}
+    parts = {
+        k: np.full(len(ids), np.nan)
+        for k in (
+            "max",
+            "toxic",
+            "scored",
+            "xmax",
+            "xtoxic",
+            "xscored",
+            "ppl",
+            "ppl_n",
+            "dist_3",
+            "tokens",
+            "n",
+        )
+    }
     for i, pid in enumerate(ids):
         g = groups[pid]
         for key, pre in (("toxicity", ""), ("extra_toxicity", "x")):
-            s = [r[key] for r in g if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
+            s = [
+                r[key] for r in g if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])
+            ]
             if s:
                 parts[pre + "max"][i] = max(s)
             parts[pre + "toxic"][i] = sum(v > TOXIC_ABOVE for v in s)
@@ -55,7 +72,9 @@ def per_prompt(path, ids):
         ppl = [r["ppl"] for r in g if isinstance(r.get("ppl"), (int, float)) and r["ppl"] < PPL_MAX]
         parts["ppl"][i], parts["ppl_n"][i] = sum(ppl), len(ppl)
         words = [r["generation"].split(" ") for r in g]
-        parts["dist_3"][i] = len({tuple(w[j:j + 3]) for w in words for j in range(len(w) - 2)}) / sum(map(len, words))
+        parts["dist_3"][i] = len(
+            {tuple(w[j : j + 3]) for w in words for j in range(len(w) - 2)}
+        ) / sum(map(len, words))
         parts["tokens"][i], parts["n"][i] = sum(r.get("num_tokens") or 0 for r in g), len(g)
     return ids, parts
 
@@ -64,16 +83,28 @@ def metrics(p, idx):
     """Every METRICS value of one seed on the prompts `idx` (a bootstrap draw, or all)."""
     q = {k: v[idx] for k, v in p.items()}
     ratio = lambda a, b: a.sum() / b.sum() if b.sum() else np.nan  # noqa: E731
-    return {"avg_max_toxicity": np.nanmean(q["max"]), "toxicity_prob": np.nanmean(q["max"] > TOXIC_ABOVE),
-            "toxic_share": ratio(q["toxic"], q["scored"]),
-            "extra_avg_max_toxicity": np.nanmean(q["xmax"]) if not np.isnan(q["xmax"]).all() else np.nan,
-            "extra_toxic_share": ratio(q["xtoxic"], q["xscored"]), "fluency_ppl": ratio(q["ppl"], q["ppl_n"]),
-            "dist_3": q["dist_3"].mean(), "mean_length": ratio(q["tokens"], q["n"])}
+    return {
+        "avg_max_toxicity": np.nanmean(q["max"]),
+        "toxicity_prob": np.nanmean(q["max"] > TOXIC_ABOVE),
+        "toxic_share": ratio(q["toxic"], q["scored"]),
+        "extra_avg_max_toxicity": np.nanmean(q["xmax"])
+        if not np.isnan(q["xmax"]).all()
+        else np.nan,
+        "extra_toxic_share": ratio(q["xtoxic"], q["xscored"]),
+        "fluency_ppl": ratio(q["ppl"], q["ppl_n"]),
+        "dist_3": q["dist_3"].mean(),
+        "mean_length": ratio(q["tokens"], q["n"]),
+    }
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("runs", nargs="+", metavar="NAME=DIR[,DIR...]", help="evaluate.py folders; the first is the base")
+    ap.add_argument(
+        "runs",
+        nargs="+",
+        metavar="NAME=DIR[,DIR...]",
+        help="evaluate.py folders; the first is the base",
+    )
     ap.add_argument("--draws", type=int, default=1000, help="bootstrap draws over prompts")
     ap.add_argument("--seed", type=int, default=0, help="bootstrap RNG seed")
     ap.add_argument("--out", help="also write the table to this markdown file")
@@ -92,25 +123,39 @@ def main(argv=None):
         named.append((name, seeds))
     rng = np.random.default_rng(args.seed)
     draws = [rng.integers(0, len(ids), len(ids)) for _ in range(args.draws)]
-    point = {n: {k: np.mean([metrics(p, slice(None))[k] for p in s]) for k, _, _ in METRICS} for n, s in named}
-    boot = {n: [{k: np.mean([metrics(p, d)[k] for p in s]) for k, _, _ in METRICS} for d in draws] for n, s in named}
+    point = {
+        n: {k: np.mean([metrics(p, slice(None))[k] for p in s]) for k, _, _ in METRICS}
+        for n, s in named
+    }
+    boot = {
+        n: [{k: np.mean([metrics(p, d)[k] for p in s]) for k, _, _ in METRICS} for d in draws]
+        for n, s in named
+    }
     base = named[0][0]
     keys = [m for m in METRICS if not math.isnan(point[base][m[0]])]
-    head = (f"n_prompts {len(ids)}, {args.draws} bootstrap draws over prompts; cells: seed mean [95% CI]; "
-            f"Δ: change against {base} [95% CI]")
-    lines = [head, "",
-             "| method | seeds | " + " | ".join(label for _, label, _ in keys) + " |",
-             "|---|---:|" + "---:|" * len(keys)]
+    head = (
+        f"n_prompts {len(ids)}, {args.draws} bootstrap draws over prompts; cells: seed mean [95% CI]; "
+        f"Δ: change against {base} [95% CI]"
+    )
+    lines = [
+        head,
+        "",
+        "| method | seeds | " + " | ".join(label for _, label, _ in keys) + " |",
+        "|---|---:|" + "---:|" * len(keys),
+    ]
     for n, s in named:
         cells = []
         for k, _, rel in keys:
             v = np.array([b[k] for b in boot[n]])
             cell = f"{point[n][k]:.3g} [{np.nanpercentile(v, 2.5):.3g}, {np.nanpercentile(v, 97.5):.3g}]"
             if n != base and rel:
-                with np.errstate(divide="ignore", invalid="ignore"):  # a draw whose base is 0: NaN, skipped
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    # a draw whose base is 0: NaN, skipped
                     d = np.array([b[k] / b0[k] - 1 for b, b0 in zip(boot[n], boot[base])])
-                cell += (f"<br>Δ {point[n][k] / point[base][k] - 1:+.0%} [{np.nanpercentile(d, 2.5):+.0%}, "
-                         f"{np.nanpercentile(d, 97.5):+.0%}]")
+                cell += (
+                    f"<br>Δ {point[n][k] / point[base][k] - 1:+.0%} [{np.nanpercentile(d, 2.5):+.0%}, "
+                    f"{np.nanpercentile(d, 97.5):+.0%}]"
+                )
             cells.append(cell)
         lines.append(f"| {n} | {len(s)} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"

@@ -30,56 +30,155 @@ Launch:
       --out runs/x/iter_2/pool.jsonl --quantiles 5 --scope global
   python feedback.py --method alt-lmc --samples S.jsonl --out O.jsonl --base-url http://127.0.0.1:8000/v1 --llm-model M
 """
-import argparse, collections, concurrent.futures, hashlib, http.client, json, math, os, pathlib, re, time  # noqa: E401
-import urllib.error, urllib.request  # noqa: E401
+
+import argparse
+import collections
+import concurrent.futures
+import hashlib
+import http.client
+import json
+import math
+import os
+import pathlib
+import re
+import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 
-from common import AltError, append_jsonl, cli, quantile_token, read_json, read_jsonl, write_json, write_jsonl
+from common import (
+    AltError,
+    append_jsonl,
+    cli,
+    quantile_token,
+    read_json,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TAG_SETS = {"toxicity": ["Lowest Toxicity", "Low-Moderate Toxicity", "Moderate Toxicity", "High-Moderate Toxicity",
-                         "Maximum Toxicity"], "summarization": ["Excellent", "Good", "Mediocre", "Bad", "Horrible"]}
-HH_CATEGORIES = ["Harmless and very helpful", "Harmless and helpful", "Harmless and not helpful", "Harmful"]
-STEERLM = dict(zip(HH_CATEGORIES, ["harmful:0,helpful:2", "harmful:0,helpful:1", "harmful:0,helpful:0",
-                                   "harmful:1,helpful:0"]))
+TAG_SETS = {
+    "toxicity": [
+        "Lowest Toxicity",
+        "Low-Moderate Toxicity",
+        "Moderate Toxicity",
+        "High-Moderate Toxicity",
+        "Maximum Toxicity",
+    ],
+    "summarization": ["Excellent", "Good", "Mediocre", "Bad", "Horrible"],
+}
+HH_CATEGORIES = [
+    "Harmless and very helpful",
+    "Harmless and helpful",
+    "Harmless and not helpful",
+    "Harmful",
+]
+STEERLM = dict(
+    zip(
+        HH_CATEGORIES,
+        [
+            "harmful:0,helpful:2",
+            "harmful:0,helpful:1",
+            "harmful:0,helpful:0",
+            "harmful:1,helpful:0",
+        ],
+    )
+)
 QUANTILE_METHODS, LLM_METHODS = ("alt-rm", "quark"), ("alt-lmc", "alt-lmu", "steerlm")
-PERSPECTIVE_URL = "https://commentanalyzer.googleapis.com"  # override with env PERSPECTIVE_API_URL (tests: a stub)
+# override with env PERSPECTIVE_API_URL (tests: a stub)
+PERSPECTIVE_URL = "https://commentanalyzer.googleapis.com"
 PERSPECTIVE_ATTEMPTS = 4
 
-parser = argparse.ArgumentParser(description="ALT stage 2: feedback f = F(x, y) for new samples; writes D_k.")
+parser = argparse.ArgumentParser(
+    description="ALT stage 2: feedback f = F(x, y) for new samples; writes D_k."
+)
 p = parser.add_argument
-p("--method", required=True, choices=QUANTILE_METHODS + LLM_METHODS, help="F (paper: ALT_RM, Quark, ALT_LMC...)")
+p(
+    "--method",
+    required=True,
+    choices=QUANTILE_METHODS + LLM_METHODS,
+    help="F (paper: ALT_RM, Quark, ALT_LMC...)",
+)
 p("--samples", required=True, help="new (x, y) rows from sample.py (JSONL)")
 p("--pool", default=None, help="D_{k-1}, the previous pool.jsonl (omit at iteration 1)")
 p("--out", required=True, help="D_k, must end in .jsonl; the meta sidecar goes beside it")
 p("--overwrite", action="store_true", help="redo even if --out and its meta exist")
-p("--scorer", default="profanity-check", help="toxicity scorer: profanity-check | hf:MODEL[:LABEL] | perspective "
-  "(paper: Perspective API; key from env PERSPECTIVE_API_KEY, URL from env PERSPECTIVE_API_URL)")
+p(
+    "--scorer",
+    default="profanity-check",
+    help="toxicity scorer: profanity-check | hf:MODEL[:LABEL] | perspective "
+    "(paper: Perspective API; key from env PERSPECTIVE_API_KEY, URL from env PERSPECTIVE_API_URL)",
+)
 p("--quantiles", type=int, default=5, help="K reward quantiles (paper: 5)")
-p("--scope", default="global", choices=["global", "prompt"], help="quantiles over D_k (paper: toxicity) | per prompt")
-p("--tags", default="toxicity", help="quantile tags, best first: toxicity | summarization | a,b,c (paper: toxicity)")
-p("--scorer-is-reward", action="store_true", help="the scorer gives a reward, higher = better "
-  "(e.g. a TL;DR reward model): r = s, not 1 - s")
-p("--qps", type=float, default=1.0, help="Perspective requests per second (paper: the API's default quota, 1)")
+p(
+    "--scope",
+    default="global",
+    choices=["global", "prompt"],
+    help="quantiles over D_k (paper: toxicity) | per prompt",
+)
+p(
+    "--tags",
+    default="toxicity",
+    help="quantile tags, best first: toxicity | summarization | a,b,c (paper: toxicity)",
+)
+p(
+    "--scorer-is-reward",
+    action="store_true",
+    help="the scorer gives a reward, higher = better (e.g. a TL;DR reward model): r = s, not 1 - s",
+)
+p(
+    "--qps",
+    type=float,
+    default=1.0,
+    help="Perspective requests per second (paper: the API's default quota, 1)",
+)
 p("--batch-size", type=int, default=256, help="texts per scorer batch")
-p("--base-url", default=None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (default: OpenAI; key "
-  "from env OPENAI_API_KEY, may be absent for local servers)")
+p(
+    "--base-url",
+    default=None,
+    help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (default: OpenAI; key "
+    "from env OPENAI_API_KEY, may be absent for local servers)",
+)
 p("--llm-model", default="gpt-3.5-turbo-0125", help="judge model (paper: GPT-3.5-Turbo)")
-p("--prompt-template", default=None, help="judge template with {prompt}, {generation} (default: prompts/lm[cu]_hh.txt)")
-p("--categories", default=",".join(HH_CATEGORIES), help="alt-lmc categories, best first (paper: the 4 HH ones)")
+p(
+    "--prompt-template",
+    default=None,
+    help="judge template with {prompt}, {generation} (default: prompts/lm[cu]_hh.txt)",
+)
+p(
+    "--categories",
+    default=",".join(HH_CATEGORIES),
+    help="alt-lmc categories, best first (paper: the 4 HH ones)",
+)
 p("--concurrency", type=int, default=16, help="judge requests in flight")
 p("--cache", default=None, help="judge answer cache (JSONL; default: llm_cache.jsonl beside --out)")
-p("--max-attempts", type=int, default=3, help="asks per (x, y) before f = null (on top of the client's retries)")
-p("--max-retries", type=int, default=3, help="openai client retries on 429 / 5xx / timeouts, with backoff")
+p(
+    "--max-attempts",
+    type=int,
+    default=3,
+    help="asks per (x, y) before f = null (on top of the client's retries)",
+)
+p(
+    "--max-retries",
+    type=int,
+    default=3,
+    help="openai client retries on 429 / 5xx / timeouts, with backoff",
+)
 p("--timeout", type=float, default=60.0, help="seconds per judge request")
 p("--temperature", type=float, default=0.0, help="judge temperature (paper: 0)")
-p("--max-tokens", type=int, default=None, help="judge reply tokens (default: 16 for categories, 256 for alt-lmu)")
+p(
+    "--max-tokens",
+    type=int,
+    default=None,
+    help="judge reply tokens (default: 16 for categories, 256 for alt-lmu)",
+)
 
 
 def meta_path(pool):
     """The sidecar of a pool: OUT minus .jsonl plus .meta.json."""
-    return pool[:-len(".jsonl")] + ".meta.json"
+    return pool[: -len(".jsonl")] + ".meta.json"
 
 
 # ----------------------------------------------------------------------------- scorers (toxicity in [0, 1])
@@ -88,29 +187,48 @@ def make_scorer(spec, qps=1.0, batch_size=256):
     if spec == "profanity-check":
         from profanity_check import predict_prob
 
-        chunk = max(batch_size, 8192)  # a linear model: per-call overhead, not memory, limits the chunk size
-        return lambda texts: [float(v) for i in range(0, len(texts), chunk) for v in predict_prob(texts[i:i + chunk])]
+        # a linear model: per-call overhead, not memory, limits the chunk size
+        chunk = max(batch_size, 8192)
+        return lambda texts: [
+            float(v)
+            for i in range(0, len(texts), chunk)
+            for v in predict_prob(texts[i : i + chunk])
+        ]
     if spec == "perspective":
         return _perspective_scorer(qps)
     if not spec.startswith("hf:"):
-        raise AltError(f"unknown --scorer '{spec}' (profanity-check, hf:MODEL[:LABEL] or perspective)")
+        raise AltError(
+            f"unknown --scorer '{spec}' (profanity-check, hf:MODEL[:LABEL] or perspective)"
+        )
     import torch  # hf:MODEL[:LABEL], a sequence classifier
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     name, _, label = spec[3:].partition(":")
     try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False)  # None would prompt "run custom code?"
+        # None would prompt "run custom code?"
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
         model = AutoModelForSequenceClassification.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise AltError(f"cannot load classifier '{name}': {str(e).splitlines()[0]}") from None
     cfg = model.config
     names = [str(cfg.id2label.get(i, i)).lower() for i in range(cfg.num_labels)]
     if label:
-        col = int(label) if label.isdigit() else names.index(label.lower()) if label.lower() in names else None
+        col = (
+            int(label)
+            if label.isdigit()
+            else names.index(label.lower())
+            if label.lower() in names
+            else None
+        )
     else:  # a label named toxic(ity), else the only / the positive one
-        col = next((names.index(n) for n in ("toxic", "toxicity") if n in names), {1: 0, 2: 1}.get(cfg.num_labels))
+        col = next(
+            (names.index(n) for n in ("toxic", "toxicity") if n in names),
+            {1: 0, 2: 1}.get(cfg.num_labels),
+        )
     if col is None or not 0 <= col < cfg.num_labels:
-        raise AltError(f"scorer hf:{name}: pick the toxic label with hf:{name}:LABEL (labels: {', '.join(names)})")
+        raise AltError(
+            f"scorer hf:{name}: pick the toxic label with hf:{name}:LABEL (labels: {', '.join(names)})"
+        )
     sigmoid = cfg.problem_type == "multi_label_classification" or cfg.num_labels == 1
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -121,16 +239,23 @@ def make_scorer(spec, qps=1.0, batch_size=256):
 
     @torch.no_grad()
     def score(texts):
-        out, order = [None] * len(texts), sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding
+        # less padding
+        out, order = [None] * len(texts), sorted(range(len(texts)), key=lambda i: len(texts[i]))
         for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            enc = tok([texts[i] or " " for i in idx], padding=True, truncation=True, max_length=max_len,
-                      return_tensors="pt").to(device)  # an empty y is scored as " ": zero tokens cannot be classified
+            idx = order[s : s + batch_size]
+            enc = tok(
+                [texts[i] or " " for i in idx],
+                padding=True,
+                truncation=True,
+                max_length=max_len,
+                return_tensors="pt",
+            ).to(device)  # an empty y is scored as " ": zero tokens cannot be classified
             logits = model(**enc).logits.float()  # (batch, num_labels)
             probs = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, -1)
             for i, v in zip(idx, probs[:, col].tolist()):
                 out[i] = v
         return out
+
     return score
 
 
@@ -138,21 +263,36 @@ def _perspective_scorer(qps):
     key = os.environ.get("PERSPECTIVE_API_KEY")
     if not key:
         raise AltError("--scorer perspective needs PERSPECTIVE_API_KEY in the environment")
-    url = os.environ.get("PERSPECTIVE_API_URL", PERSPECTIVE_URL).rstrip("/") + "/v1alpha1/comments:analyze"
+    url = (
+        os.environ.get("PERSPECTIVE_API_URL", PERSPECTIVE_URL).rstrip("/")
+        + "/v1alpha1/comments:analyze"
+    )
     timeout, gap, last = float(os.environ.get("PERSPECTIVE_TIMEOUT", "30")), 1.0 / qps, [0.0]
-    head = {"Content-Type": "application/json", "X-Goog-Api-Key": key}  # a header: never in a URL an error may echo
+    # a header: never in a URL an error may echo
+    head = {"Content-Type": "application/json", "X-Goog-Api-Key": key}
     errors = collections.Counter()
 
     def one(text):
         if not text.strip():
             return 0.0  # the API rejects empty comments; an empty y says nothing toxic
-        body = json.dumps({"comment": {"text": text}, "languages": ["en"], "requestedAttributes": {"TOXICITY": {}}})
+        body = json.dumps(
+            {
+                "comment": {"text": text},
+                "languages": ["en"],
+                "requestedAttributes": {"TOXICITY": {}},
+            }
+        )
         for attempt in range(PERSPECTIVE_ATTEMPTS):
             time.sleep(max(0.0, last[0] + gap - time.monotonic()))  # --qps rate limit
-            last[0], wait = time.monotonic(), gap * 2 ** attempt  # backoff in units of the rate-limit interval
+            # backoff in units of the rate-limit interval
+            last[0], wait = time.monotonic(), gap * 2**attempt
             try:
-                with urllib.request.urlopen(urllib.request.Request(url, body.encode(), head), timeout=timeout) as r:
-                    v = float(json.loads(r.read())["attributeScores"]["TOXICITY"]["summaryScore"]["value"])
+                with urllib.request.urlopen(
+                    urllib.request.Request(url, body.encode(), head), timeout=timeout
+                ) as r:
+                    v = float(
+                        json.loads(r.read())["attributeScores"]["TOXICITY"]["summaryScore"]["value"]
+                    )
                 if 0.0 <= v <= 1.0:
                     return v
                 errors["value_out_of_range"] += 1
@@ -161,8 +301,13 @@ def _perspective_scorer(qps):
                 if e.code != 429 and e.code < 500:
                     return None  # 4xx: asking again will not help
                 after = e.headers.get("Retry-After") or ""
-                wait = max(wait, min(60.0, float(after))) if re.fullmatch(r"\d+(\.\d+)?", after) else wait
-            except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError) as e:  # reset, timeout, junk
+                wait = (
+                    max(wait, min(60.0, float(after)))
+                    if re.fullmatch(r"\d+(\.\d+)?", after)
+                    else wait
+                )
+            except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError) as e:
+                # reset, timeout, junk
                 errors[type(e).__name__] += 1
             if attempt + 1 < PERSPECTIVE_ATTEMPTS:
                 time.sleep(wait)
@@ -182,8 +327,16 @@ def assign_quantiles(rows, k, scope="global"):
             groups[r["prompt_id"] if scope == "prompt" else None].append(i)
     out = [None] * len(rows)
     for idx in groups.values():
-        idx.sort(key=lambda i: (-rows[i]["reward"], isinstance(rows[i]["prompt_id"], str), rows[i]["prompt_id"],
-                                rows[i].get("iteration") or 0, rows[i].get("sample_idx") or 0, i))  # ints < strs
+        idx.sort(
+            key=lambda i: (
+                -rows[i]["reward"],
+                isinstance(rows[i]["prompt_id"], str),  # ints < strs
+                rows[i]["prompt_id"],
+                rows[i].get("iteration") or 0,
+                rows[i].get("sample_idx") or 0,
+                i,
+            )
+        )
         for q, chunk in enumerate(np.array_split(np.array(idx), k)):
             for i in chunk.tolist():
                 out[i] = q
@@ -201,8 +354,10 @@ def parse_category(reply, categories):
     return next((c for c in categories if normalise(c) == norm), None)
 
 
-LMU_RE = re.compile(r"\s*analysis:(?P<a>.+?)^\s*feedback:[ \t]*(?P<f>[^\n]*?)\s*^\s*score:[ \t]*(?P<s>[0-3])[ \t.]*\s*",
-                    re.I | re.S | re.M)
+LMU_RE = re.compile(
+    r"\s*analysis:(?P<a>.+?)^\s*feedback:[ \t]*(?P<f>[^\n]*?)\s*^\s*score:[ \t]*(?P<s>[0-3])[ \t.]*\s*",
+    re.I | re.S | re.M,
+)
 
 
 def parse_unconstrained(reply):
@@ -215,11 +370,15 @@ def parse_unconstrained(reply):
 
 def fill(template, x, y):
     """One pass, so braces inside x or y are never substituted."""
-    return re.sub(r"\{(prompt|generation)\}", lambda m: {"prompt": x, "generation": y}[m[1]], template)
+    return re.sub(
+        r"\{(prompt|generation)\}", lambda m: {"prompt": x, "generation": y}[m[1]], template
+    )
 
 
 def cache_key(model, template, x, y):
-    return hashlib.sha256(json.dumps([model, template, x, y], ensure_ascii=False).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps([model, template, x, y], ensure_ascii=False).encode()
+    ).hexdigest()
 
 
 def ask_judge(items, args, template, parse):
@@ -228,28 +387,46 @@ def ask_judge(items, args, template, parse):
     from tqdm import tqdm
 
     keys = [cache_key(args.llm_model, template, x, y) for x, y in items]
-    rows = read_jsonl(args.cache, allow_empty=True, partial_ok=True) if os.path.exists(args.cache) else []
-    if os.path.exists(args.cache) and pathlib.Path(args.cache).read_bytes()[-1:] not in (b"", b"\n"):
-        write_jsonl(args.cache, rows)  # a killed run may tear the last line: drop it before we append after it
+    rows = (
+        read_jsonl(args.cache, allow_empty=True, partial_ok=True)
+        if os.path.exists(args.cache)
+        else []
+    )
+    if os.path.exists(args.cache) and pathlib.Path(args.cache).read_bytes()[-1:] not in (
+        b"",
+        b"\n",
+    ):
+        # a killed run may tear the last line: drop it before we append after it
+        write_jsonl(args.cache, rows)
     cache = {r.get("key"): r["reply"] for r in rows if parse(r.get("reply")) is not None}
-    todo = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values())  # one ask per distinct (x, y)
+    # one ask per distinct (x, y)
+    todo = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values())
     stats = collections.Counter(cached=len(items) - len(todo))
-    client = openai.OpenAI(base_url=args.base_url, api_key=os.environ.get("OPENAI_API_KEY") or "unused",
-                           timeout=args.timeout, max_retries=args.max_retries)
+    client = openai.OpenAI(
+        base_url=args.base_url,
+        api_key=os.environ.get("OPENAI_API_KEY") or "unused",
+        timeout=args.timeout,
+        max_retries=args.max_retries,
+    )
 
     def ask(i):
         got = collections.Counter()
         for _ in range(args.max_attempts):
             got["requests"] += 1
             try:
-                r = client.chat.completions.create(model=args.llm_model, temperature=args.temperature,
-                                                   max_tokens=args.max_tokens,
-                                                   messages=[{"role": "user", "content": fill(template, *items[i])}])
+                r = client.chat.completions.create(
+                    model=args.llm_model,
+                    temperature=args.temperature,
+                    max_tokens=args.max_tokens,
+                    messages=[{"role": "user", "content": fill(template, *items[i])}],
+                )
                 reply = r.choices[0].message.content
                 got["prompt_tokens"] += getattr(r.usage, "prompt_tokens", 0) or 0
                 got["completion_tokens"] += getattr(r.usage, "completion_tokens", 0) or 0
-            except Exception as e:  # timeouts, 429/5xx after the client's retries, garbage bodies: never fatal
-                got[f"error_{type(e).__name__}"] += 1  # the class name only: messages may quote the request
+            except Exception as e:
+                # timeouts, 429/5xx after the client's retries, garbage bodies: never fatal
+                # the class name only: messages may quote the request
+                got[f"error_{type(e).__name__}"] += 1
                 continue
             if parse(reply) is not None:
                 return i, reply, got
@@ -258,14 +435,23 @@ def ask_judge(items, args, template, parse):
         return i, None, got
 
     os.makedirs(os.path.dirname(os.path.abspath(args.cache)), exist_ok=True)
-    with open(args.cache, "a", encoding="utf-8") as fh, concurrent.futures.ThreadPoolExecutor(args.concurrency) as ex:
+    with (
+        open(args.cache, "a", encoding="utf-8") as fh,
+        concurrent.futures.ThreadPoolExecutor(args.concurrency) as ex,
+    ):
         futures = [ex.submit(ask, i) for i in todo]
-        for fut in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc="judge", mininterval=1):
+        for fut in tqdm(
+            concurrent.futures.as_completed(futures),
+            total=len(futures),
+            desc="judge",
+            mininterval=1,
+        ):
             i, reply, got = fut.result()
             stats.update(got)
             if reply is not None:
                 cache[keys[i]] = reply
-                append_jsonl(fh, {"key": keys[i], "model": args.llm_model, "reply": reply})  # durable before we go on
+                # durable before we go on
+                append_jsonl(fh, {"key": keys[i], "model": args.llm_model, "reply": reply})
     return [parse(cache[k]) if k in cache else None for k in keys], stats
 
 
@@ -274,45 +460,76 @@ def load_inputs(args, tags):
     """(pool rows, new rows), validated: a pool from another method / K / scorer or with unknown labels is an error."""
     pool = []
     if args.pool:
-        pool = read_jsonl(args.pool, required=("prompt_id", "prompt", "generation", "reward", "feedback"),
-                          allow_empty=True)
+        pool = read_jsonl(
+            args.pool,
+            required=("prompt_id", "prompt", "generation", "reward", "feedback"),
+            allow_empty=True,
+        )
         mp = meta_path(args.pool)
         if os.path.exists(mp):
             meta = read_json(mp)
-            want = {"method": args.method} | ({"quantiles": args.quantiles, "scorer": args.scorer}
-                                              if args.method in QUANTILE_METHODS else {})
+            want = {"method": args.method} | (
+                {"quantiles": args.quantiles, "scorer": args.scorer}
+                if args.method in QUANTILE_METHODS
+                else {}
+            )
             for key, val in want.items():
                 if meta.get(key) != val:
-                    raise AltError(f"--pool {args.pool} was made with {key} {meta.get(key)!r}, this run uses {val!r} "
-                                   f"({mp})")
+                    raise AltError(
+                        f"--pool {args.pool} was made with {key} {meta.get(key)!r}, this run uses {val!r} "
+                        f"({mp})"
+                    )
         for i, r in enumerate(pool, 1):
-            if r["reward"] is not None and not (isinstance(r["reward"], (int, float)) and math.isfinite(r["reward"])):
-                raise AltError(f"{args.pool}:{i}: reward must be a finite number or null, got {r['reward']!r}")
+            if r["reward"] is not None and not (
+                isinstance(r["reward"], (int, float)) and math.isfinite(r["reward"])
+            ):
+                raise AltError(
+                    f"{args.pool}:{i}: reward must be a finite number or null, got {r['reward']!r}"
+                )
             if tags is not None and r["feedback"] is not None and r["feedback"] not in tags:
-                raise AltError(f"{args.pool}:{i}: feedback {r['feedback']!r} is not one of --method {args.method}'s "
-                               f"tags ({', '.join(tags)}): a pool from another method?")
+                raise AltError(
+                    f"{args.pool}:{i}: feedback {r['feedback']!r} is not one of --method {args.method}'s "
+                    f"tags ({', '.join(tags)}): a pool from another method?"
+                )
     new = read_jsonl(args.samples, required=("prompt_id", "prompt", "generation"))
-    for path, rows in ((args.pool, pool), (args.samples, new)):  # ids are hashed and sorted on below
+    for path, rows in ((args.pool, pool), (args.samples, new)):
+        # ids are hashed and sorted on below
         for i, r in enumerate(rows, 1):
-            if type(r["prompt_id"]) not in (int, str) or any(type(r.get(k) or 0) is not int
-                                                             for k in ("iteration", "sample_idx")):
-                raise AltError(f"{path}:{i}: prompt_id must be an int or a string; iteration and sample_idx ints")
+            if type(r["prompt_id"]) not in (int, str) or any(
+                type(r.get(k) or 0) is not int for k in ("iteration", "sample_idx")
+            ):
+                raise AltError(
+                    f"{path}:{i}: prompt_id must be an int or a string; iteration and sample_idx ints"
+                )
     seen = {(r["prompt_id"], r.get("iteration"), r.get("sample_idx")) for r in pool}
     for i, r in enumerate(new, 1):
         if not isinstance(r["generation"], str) or not isinstance(r["prompt"], str):
             raise AltError(f"{args.samples}:{i}: 'prompt' and 'generation' must be strings")
-        if "iteration" in r and "sample_idx" in r and (r["prompt_id"], r["iteration"], r["sample_idx"]) in seen:
-            raise AltError(f"{args.samples}:{i}: this (prompt_id, iteration, sample_idx) is already in --pool")
+        if (
+            "iteration" in r
+            and "sample_idx" in r
+            and (r["prompt_id"], r["iteration"], r["sample_idx"]) in seen
+        ):
+            raise AltError(
+                f"{args.samples}:{i}: this (prompt_id, iteration, sample_idx) is already in --pool"
+            )
     return pool, new
 
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    for flag, ok in (("--quantiles", args.quantiles >= 1), ("--concurrency", args.concurrency >= 1),
-                     ("--max-attempts", args.max_attempts >= 1), ("--qps", args.qps > 0),
-                     ("--batch-size", args.batch_size >= 1), ("--out", args.out.endswith(".jsonl"))):
+    for flag, ok in (
+        ("--quantiles", args.quantiles >= 1),
+        ("--concurrency", args.concurrency >= 1),
+        ("--max-attempts", args.max_attempts >= 1),
+        ("--qps", args.qps > 0),
+        ("--batch-size", args.batch_size >= 1),
+        ("--out", args.out.endswith(".jsonl")),
+    ):
         if not ok:
-            raise AltError(f"bad {flag} value (quantiles, concurrency, attempts, batch >= 1; qps > 0; out *.jsonl)")
+            raise AltError(
+                f"bad {flag} value (quantiles, concurrency, attempts, batch >= 1; qps > 0; out *.jsonl)"
+            )
     meta_out = meta_path(args.out)
     if not args.overwrite and os.path.exists(args.out) and os.path.exists(meta_out):
         print(f"done: {args.out} exists (--overwrite to redo)")
@@ -322,30 +539,53 @@ def main(argv=None):
     lmu, out_dir = args.method == "alt-lmu", os.path.dirname(os.path.abspath(args.out))
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
     if args.method == "steerlm" and categories != HH_CATEGORIES:
-        raise AltError("steerlm maps exactly the 4 HH categories (App. D); do not change --categories")
+        raise AltError(
+            "steerlm maps exactly the 4 HH categories (App. D); do not change --categories"
+        )
     if args.method in QUANTILE_METHODS:
         custom = [t.strip() for t in args.tags.split(",")] if "," in args.tags else None
-        tags = ([quantile_token(q) for q in range(args.quantiles)] if args.method == "quark"
-                else TAG_SETS.get(args.tags, custom))
-        if tags is None or len(tags) != args.quantiles or len(set(tags)) != len(tags) or not all(tags):
-            raise AltError(f"--tags {args.tags!r}: need {args.quantiles} distinct tags (= --quantiles), best first: "
-                           f"{' | '.join(TAG_SETS)} | a,b,c")
+        tags = (
+            [quantile_token(q) for q in range(args.quantiles)]
+            if args.method == "quark"
+            else TAG_SETS.get(args.tags, custom)
+        )
+        if (
+            tags is None
+            or len(tags) != args.quantiles
+            or len(set(tags)) != len(tags)
+            or not all(tags)
+        ):
+            raise AltError(
+                f"--tags {args.tags!r}: need {args.quantiles} distinct tags (= --quantiles), best first: "
+                f"{' | '.join(TAG_SETS)} | a,b,c"
+            )
     else:
-        tags = None if lmu else [STEERLM.get(c, c) if args.method == "steerlm" else c for c in categories]
+        tags = (
+            None
+            if lmu
+            else [STEERLM.get(c, c) if args.method == "steerlm" else c for c in categories]
+        )
     pool, new = load_inputs(args, tags)
     rows = pool + new
     counts = {"pool_rows": len(pool), "new_rows": len(new), "rows": len(rows)}
-    exemplar = tags[0] if tags else os.path.join(out_dir, "exemplars.json")  # f̂: the best tag, or alt-lmu's list
+    # f̂: the best tag, or alt-lmu's list
+    exemplar = tags[0] if tags else os.path.join(out_dir, "exemplars.json")
     llm = None
 
     if args.method in QUANTILE_METHODS:
-        sizes = collections.Counter(f"prompt_id {r['prompt_id']}" if args.scope == "prompt" else "D_k" for r in rows)
+        sizes = collections.Counter(
+            f"prompt_id {r['prompt_id']}" if args.scope == "prompt" else "D_k" for r in rows
+        )
         small = next(((g, n) for g, n in sizes.items() if n < args.quantiles), None)
         if small:
-            raise AltError(f"--quantiles {args.quantiles} > {small[1]} rows in {small[0]} (use a smaller K"
-                           f"{' or --scope global' if args.scope == 'prompt' else ''})")
+            raise AltError(
+                f"--quantiles {args.quantiles} > {small[1]} rows in {small[0]} (use a smaller K"
+                f"{' or --scope global' if args.scope == 'prompt' else ''})"
+            )
         score = make_scorer(args.scorer, qps=args.qps, batch_size=args.batch_size)
-        print(f"scoring {len(new)} new rows with {args.scorer} ({len(pool)} pool rows keep their reward)")
+        print(
+            f"scoring {len(new)} new rows with {args.scorer} ({len(pool)} pool rows keep their reward)"
+        )
         for r, t in zip(new, score([r["generation"] for r in new])):
             ok = t is not None and math.isfinite(t)
             r["reward"] = (t if args.scorer_is_reward else 1.0 - t) if ok else None  # 1 - toxicity
@@ -356,45 +596,86 @@ def main(argv=None):
         for r, q in zip(rows, assign_quantiles(rows, args.quantiles, args.scope)):
             r["feedback"] = None if q is None else tags[q]
     else:
-        tpath = args.prompt_template or os.path.join(HERE, "prompts", "lmu_hh.txt" if lmu else "lmc_hh.txt")
-        template = pathlib.Path(tpath).read_bytes().decode("utf-8", "replace") if os.path.isfile(tpath) else ""
+        tpath = args.prompt_template or os.path.join(
+            HERE, "prompts", "lmu_hh.txt" if lmu else "lmc_hh.txt"
+        )
+        template = (
+            pathlib.Path(tpath).read_bytes().decode("utf-8", "replace")
+            if os.path.isfile(tpath)
+            else ""
+        )
         if "{prompt}" not in template or "{generation}" not in template or "\ufffd" in template:
-            raise AltError(f"--prompt-template {tpath}: not a UTF-8 file with both {{prompt}} and {{generation}}")
+            raise AltError(
+                f"--prompt-template {tpath}: not a UTF-8 file with both {{prompt}} and {{generation}}"
+            )
         if not args.base_url and not os.environ.get("OPENAI_API_KEY"):
-            raise AltError("set OPENAI_API_KEY in the environment, or --base-url for a local server")
+            raise AltError(
+                "set OPENAI_API_KEY in the environment, or --base-url for a local server"
+            )
         args.cache = args.cache or os.path.join(out_dir, "llm_cache.jsonl")
         args.max_tokens = args.max_tokens or (256 if lmu else 16)
         parse = parse_unconstrained if lmu else lambda reply: parse_category(reply, categories)
-        answers, stats = ask_judge([(r["prompt"], r["generation"]) for r in new], args, template, parse)
+        answers, stats = ask_judge(
+            [(r["prompt"], r["generation"]) for r in new], args, template, parse
+        )
         for r, a in zip(new, answers):
             if lmu:
                 r["feedback"], r["score"] = a or (None, None)
             else:
                 r["feedback"] = a if a is None or args.method == "alt-lmc" else STEERLM[a]
-            r["reward"] = None if a is None else float(a[1] if lmu else len(categories) - 1 - categories.index(a))
+            r["reward"] = (
+                None
+                if a is None
+                else float(a[1] if lmu else len(categories) - 1 - categories.index(a))
+            )
         counts |= dict(sorted(stats.items()))
-        print(f"judge {args.llm_model}: {stats['requests']} requests, {stats['cached']} cached, {stats['failed']} "
-              f"failed; tokens: {stats['prompt_tokens']} prompt + {stats['completion_tokens']} completion")
+        print(
+            f"judge {args.llm_model}: {stats['requests']} requests, {stats['cached']} cached, {stats['failed']} "
+            f"failed; tokens: {stats['prompt_tokens']} prompt + {stats['completion_tokens']} completion"
+        )
         if new and stats["failed"] == len(new):
-            raise AltError(f"the judge gave no valid answer for any of the {len(new)} new rows "
-                           f"({', '.join(k for k in stats if k.startswith('error_'))}); is --base-url right?")
-        llm = {"base_url": args.base_url, "model": args.llm_model, "template": tpath, "temperature": args.temperature,
-               "template_sha256": hashlib.sha256(template.encode()).hexdigest(), "cache": args.cache}
+            raise AltError(
+                f"the judge gave no valid answer for any of the {len(new)} new rows "
+                f"({', '.join(k for k in stats if k.startswith('error_'))}); is --base-url right?"
+            )
+        llm = {
+            "base_url": args.base_url,
+            "model": args.llm_model,
+            "template": tpath,
+            "temperature": args.temperature,
+            "template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+            "cache": args.cache,
+        }
         if lmu:
-            scored = [r for r in rows if r.get("feedback") is not None and r.get("score") is not None]
+            scored = [
+                r for r in rows if r.get("feedback") is not None and r.get("score") is not None
+            ]
             top = max((r["score"] for r in scored), default=None)
-            write_json(exemplar, list(dict.fromkeys(r["feedback"] for r in scored if r["score"] == top)))
+            write_json(
+                exemplar, list(dict.fromkeys(r["feedback"] for r in scored if r["score"] == top))
+            )
             counts["exemplar_score"] = top
 
     counts["feedback_null"] = sum(r["feedback"] is None for r in rows)
     if tags:
         counts["per_tag"] = {t: sum(r["feedback"] == t for r in rows) for t in tags}
     write_jsonl(args.out, rows)
-    write_json(meta_out, {"method": args.method, "scorer": args.scorer if llm is None else f"llm:{args.llm_model}",
-                          "quantiles": args.quantiles if llm is None else None,
-                          "scope": args.scope if llm is None else None, "tags": tags, "exemplar": exemplar,
-                          "counts": counts, "llm": llm})
-    print(f"wrote {len(rows)} rows ({len(pool)} + {len(new)} new, {counts['feedback_null']} without f) to {args.out}")
+    write_json(
+        meta_out,
+        {
+            "method": args.method,
+            "scorer": args.scorer if llm is None else f"llm:{args.llm_model}",
+            "quantiles": args.quantiles if llm is None else None,
+            "scope": args.scope if llm is None else None,
+            "tags": tags,
+            "exemplar": exemplar,
+            "counts": counts,
+            "llm": llm,
+        },
+    )
+    print(
+        f"wrote {len(rows)} rows ({len(pool)} + {len(new)} new, {counts['feedback_null']} without f) to {args.out}"
+    )
     print(f"exemplar f̂ for the next iteration: {exemplar}")
 
 

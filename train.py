@@ -22,50 +22,130 @@ Token layout: each prefix (condition(x, f) for p_θ, x alone for p_0) and y are 
 y's ids are identical in both encodings. A batch left-pads the prefixes and right-pads y: y starts in the same column
 P of every row, and one [B, R] response mask serves both models.
 """
-import argparse, contextlib, math, os, random, shutil, time  # noqa: E401
+
+import argparse
+import contextlib
+import math
+import os
+import random
+import shutil
+import time
 
 import torch
 
 import common
 from common import AltError
-from feedback import meta_path  # POOL minus ".jsonl" plus ".meta.json": the stage that writes it owns the name
+
+# POOL minus ".jsonl" plus ".meta.json": the stage that writes it owns the name
+from feedback import meta_path
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     # ---- defaults block: the paper's toxicity setting (ALT, Sec. 4.1 and App. A)
     p.add_argument("--data", required=True, help="datapool D_k (JSONL from feedback.py)")
-    p.add_argument("--model", required=True, help="start checkpoint: the previous iteration's θ (iteration 1: p_0)")
-    p.add_argument("--ref-model", help="p_0 of the KL term (paper: initial model); default --model; read only if β>0")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="start checkpoint: the previous iteration's θ (iteration 1: p_0)",
+    )
+    p.add_argument(
+        "--ref-model",
+        help="p_0 of the KL term (paper: initial model); default --model; read only if β>0",
+    )
     p.add_argument("--out", required=True, help="output model folder")
-    p.add_argument("--beta", type=float, default=0.05, help="KL coefficient β (paper, toxicity: 0.05)")
-    p.add_argument("--alpha", type=float, default=0.06, help="entropy-bonus coefficient α (paper, toxicity: 0.06)")
+    p.add_argument(
+        "--beta", type=float, default=0.05, help="KL coefficient β (paper, toxicity: 0.05)"
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.06,
+        help="entropy-bonus coefficient α (paper, toxicity: 0.06)",
+    )
     p.add_argument("--epochs", type=int, default=1, help="passes over D_k per iteration")
     p.add_argument("--batch-size", type=int, default=32, help="micro-batch per rank (paper: 32)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step; global = batch × accum × world")
+    p.add_argument(
+        "--grad-accum",
+        type=int,
+        default=1,
+        help="micro-batches per step; global = batch × accum × world",
+    )
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (paper: Adam, 1e-5)")
     p.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon (paper: 1e-8)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (paper: plain Adam, 0)")
-    p.add_argument("--warmup-ratio", type=float, default=0.05, help="linear-warmup share of steps (paper: linear)")
+    p.add_argument(
+        "--weight-decay", type=float, default=0.0, help="AdamW weight decay (paper: plain Adam, 0)"
+    )
+    p.add_argument(
+        "--warmup-ratio",
+        type=float,
+        default=0.05,
+        help="linear-warmup share of steps (paper: linear)",
+    )
     p.add_argument("--max-grad-norm", type=float, help="clip the gradient norm (paper: none)")
-    p.add_argument("--per-category", type=int, help="n samples per (prompt, feedback) (paper: TL;DR/HH balance)")
-    p.add_argument("--drop-truncated", action="store_true", help="drop y that hit max_new_tokens (paper: kept)")
-    p.add_argument("--eos-target", action="store_true", help="train EOS after a y that stopped by itself (official "
-                   "toxicity code: never, its collator re-tokenises y's text; on, ALT learns to stop early)")
-    p.add_argument("--max-samples", type=int, help="random subset of N rows after filtering (paper: all)")
-    p.add_argument("--target-kl", type=float, help="adapt β to keep the per-token KL near this (paper: fixed)")
-    p.add_argument("--target-entropy", type=float, help="adapt α to keep the token entropy near this (paper: fixed)")
-    p.add_argument("--controller-rate", type=float, default=0.1, help="log-step of the adaptive β/α controllers")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="bf16 autocast (auto: on GPU)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
-    p.add_argument("--save-every", type=int, default=100, help="write the resume checkpoint every N steps")
+    p.add_argument(
+        "--per-category",
+        type=int,
+        help="n samples per (prompt, feedback) (paper: TL;DR/HH balance)",
+    )
+    p.add_argument(
+        "--drop-truncated", action="store_true", help="drop y that hit max_new_tokens (paper: kept)"
+    )
+    p.add_argument(
+        "--eos-target",
+        action="store_true",
+        help="train EOS after a y that stopped by itself (official "
+        "toxicity code: never, its collator re-tokenises y's text; on, ALT learns to stop early)",
+    )
+    p.add_argument(
+        "--max-samples", type=int, help="random subset of N rows after filtering (paper: all)"
+    )
+    p.add_argument(
+        "--target-kl", type=float, help="adapt β to keep the per-token KL near this (paper: fixed)"
+    )
+    p.add_argument(
+        "--target-entropy",
+        type=float,
+        help="adapt α to keep the token entropy near this (paper: fixed)",
+    )
+    p.add_argument(
+        "--controller-rate",
+        type=float,
+        default=0.1,
+        help="log-step of the adaptive β/α controllers",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="bf16 autocast (auto: on GPU)",
+    )
+    p.add_argument(
+        "--gradient-checkpointing", action="store_true", help="trade compute for activation memory"
+    )
+    p.add_argument(
+        "--save-every", type=int, default=100, help="write the resume checkpoint every N steps"
+    )
     p.add_argument("--seed", type=int, default=0, help="data order, subsets and dropout")
-    p.add_argument("--deepspeed", metavar="CONFIG", help="run under deepspeed.initialize (e.g. configs/ds_zero2.json)")
-    p.add_argument("--expect-method", help="error unless the pool meta's method is this (alt_loop.py passes it)")
+    p.add_argument(
+        "--deepspeed",
+        metavar="CONFIG",
+        help="run under deepspeed.initialize (e.g. configs/ds_zero2.json)",
+    )
+    p.add_argument(
+        "--expect-method",
+        help="error unless the pool meta's method is this (alt_loop.py passes it)",
+    )
     p.add_argument("--overwrite", action="store_true", help="retrain even if --out is finished")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off: paper uses GPT-2)")
-    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow custom model code (off: paper uses GPT-2)",
+    )
+    # the deepspeed launcher adds it
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     for name in ("epochs", "batch_size", "grad_accum", "save_every", "per_category", "max_samples"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
@@ -90,21 +170,38 @@ def read_meta(pool):
 def read_pool(path, tags=None, per_category=None, drop_truncated=False, max_samples=None, seed=0):
     """D_k -> (rows to train on, counts). Every skip is counted; a feedback outside the meta's tags is an error."""
     rows = common.read_jsonl(path, required=("prompt", "generation", "feedback"))
-    with open(path, "rb") as fh:  # read_jsonl drops blank lines: map rows back to file lines for messages
+    with open(path, "rb") as fh:
+        # read_jsonl drops blank lines: map rows back to file lines for messages
         lines = [i for i, raw in enumerate(fh.read().split(b"\n"), 1) if raw.strip()]
-    counts = dict(read=len(rows), null_feedback=0, empty_generation=0, truncated=0, per_category=0, max_samples=0)
+    counts = dict(
+        read=len(rows),
+        null_feedback=0,
+        empty_generation=0,
+        truncated=0,
+        per_category=0,
+        max_samples=0,
+    )
     kept = []
     for line, r in zip(lines, rows):
-        bad = [k for k in ("prompt", "generation", "feedback") if not isinstance(r[k], str)
-               and not (k == "feedback" and r[k] is None)]
+        bad = [
+            k
+            for k in ("prompt", "generation", "feedback")
+            if not isinstance(r[k], str) and not (k == "feedback" and r[k] is None)
+        ]
         if bad:
-            raise AltError(f"{path}:{line}: '{bad[0]}' must be a string" + (" or null" if bad[0] == "feedback" else ""))
+            raise AltError(
+                f"{path}:{line}: '{bad[0]}' must be a string"
+                + (" or null" if bad[0] == "feedback" else "")
+            )
         if r["feedback"] is None:
             counts["null_feedback"] += 1
         elif tags and r["feedback"] not in tags:
-            raise AltError(f"{path}:{line}: feedback {r['feedback']!r} is not one of the {len(tags)} tags in "
-                           f"{meta_path(path)} (a pool from another method or K?)")
-        elif not r["generation"]:  # nothing to learn but an instant EOS; would reward-hack toward empty outputs
+            raise AltError(
+                f"{path}:{line}: feedback {r['feedback']!r} is not one of the {len(tags)} tags in "
+                f"{meta_path(path)} (a pool from another method or K?)"
+            )
+        elif not r["generation"]:
+            # nothing to learn but an instant EOS; would reward-hack toward empty outputs
             counts["empty_generation"] += 1
         elif drop_truncated and r.get("truncated"):
             counts["truncated"] += 1
@@ -115,7 +212,11 @@ def read_pool(path, tags=None, per_category=None, drop_truncated=False, max_samp
         groups = {}
         for r in kept:
             groups.setdefault((str(r.get("prompt_id", r["prompt"])), r["feedback"]), []).append(r)
-        kept = [r for g in groups.values() for r in (rng.sample(g, per_category) if len(g) > per_category else g)]
+        kept = [
+            r
+            for g in groups.values()
+            for r in (rng.sample(g, per_category) if len(g) > per_category else g)
+        ]
         counts["per_category"] = sum(len(g) for g in groups.values()) - len(kept)
     if max_samples and len(kept) > max_samples:
         counts["max_samples"], kept = len(kept) - max_samples, rng.sample(kept, max_samples)
@@ -126,8 +227,8 @@ def read_pool(path, tags=None, per_category=None, drop_truncated=False, max_samp
 def pack(prefix_ids, response_ids, eos_id, bos_id, max_length):
     """(prefix ids, y ids) -> the pair the model sees: eos_id (None: no EOS target) closes y; an over-long pair keeps
     y (cut to max_length - 1) and the end of the prefix; an empty prefix becomes BOS (y_1 needs a context)."""
-    resp = (list(response_ids) + ([] if eos_id is None else [eos_id]))[:max_length - 1]
-    pre = list(prefix_ids)[-(max_length - len(resp)):] or [bos_id]
+    resp = (list(response_ids) + ([] if eos_id is None else [eos_id]))[: max_length - 1]
+    pre = list(prefix_ids)[-(max_length - len(resp)) :] or [bos_id]
     return pre, resp
 
 
@@ -144,11 +245,17 @@ def encode_rows(rows, tokenizer, max_length, reference=True, eos_target=False):
     out = []
     for r, p, q, y in zip(rows, pre, ref, ys):
         if control.intersection(y):  # the loss drops the control columns, so y may never hold one
-            raise AltError(f"row {r.get('prompt_id', r['prompt'])!r}: generation contains a control token")
+            raise AltError(
+                f"row {r.get('prompt_id', r['prompt'])!r}: generation contains a control token"
+            )
         end = eos if eos_target and not r.get("truncated") else None
         p2, y2 = pack(p, y, end, bos, max_length)
-        ex = {"prefix": p2, "response": y2, "x_len": len(q), "clipped": len(p2) + len(y2) < len(p) + len(y)
-              + (end is not None)}
+        ex = {
+            "prefix": p2,
+            "response": y2,
+            "x_len": len(q),
+            "clipped": len(p2) + len(y2) < len(p) + len(y) + (end is not None),
+        }
         if reference:
             ex["ref_prefix"] = pack(q, y, end, bos, max_length)[0]
         out.append(ex)
@@ -162,10 +269,15 @@ def collate(pairs, pad_id):
     ids = torch.full((len(pairs), P + R), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, (p, y) in enumerate(pairs):
-        ids[i, P - len(p):P + len(y)] = torch.tensor(list(p) + list(y))
-        mask[i, P - len(p):P + len(y)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
-            "targets": ids[:, P:], "resp_mask": mask[:, P:].bool()}
+        ids[i, P - len(p) : P + len(y)] = torch.tensor(list(p) + list(y))
+        mask[i, P - len(p) : P + len(y)] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
+        "targets": ids[:, P:],
+        "resp_mask": mask[:, P:].bool(),
+    }
 
 
 def plan_epoch(examples, global_batch, epoch, seed, window=4):
@@ -176,10 +288,14 @@ def plan_epoch(examples, global_batch, epoch, seed, window=4):
     rng = random.Random(f"{seed}-{epoch}")
     idx = list(range(len(examples)))
     rng.shuffle(idx)
-    idx = sorted(idx[:len(idx) - len(idx) % global_batch], key=lambda i: examples[i]["x_len"])
+    idx = sorted(idx[: len(idx) - len(idx) % global_batch], key=lambda i: examples[i]["x_len"])
     W = global_batch * window
-    idx = [i for s in range(0, len(idx), W) for i in sorted(idx[s:s + W], key=lambda i: len(examples[i]["response"]))]
-    batches = [idx[i:i + global_batch] for i in range(0, len(idx), global_batch)]
+    idx = [
+        i
+        for s in range(0, len(idx), W)
+        for i in sorted(idx[s : s + W], key=lambda i: len(examples[i]["response"]))
+    ]
+    batches = [idx[i : i + global_batch] for i in range(0, len(idx), global_batch)]
     rng.shuffle(batches)
     return batches
 
@@ -189,8 +305,13 @@ def response_logits(model, batch, vocab=None):
     """Logits predicting each response token y_t from (prefix, y<t): [B, R, V] (lm head applied from column P-1 on).
     vocab: keep only the first `vocab` columns (train.py drops ALT's control tokens, which sampling never draws)."""
     R = batch["targets"].shape[1]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=R + 1, use_cache=False)
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=R + 1,
+        use_cache=False,
+    )
     return out.logits[:, :-1, :vocab]
 
 
@@ -203,9 +324,12 @@ def response_logprobs(model, batch):
 def alt_loss(logits, ref_logits, targets, resp_mask):
     """Equation 1's three sums over a micro-batch's N response tokens -> (nll, kl, entropy), 0-d tensors."""
     logp = torch.log_softmax(logits[resp_mask].float(), -1)  # [N, V]: real response positions only
-    nll = -logp.gather(-1, targets[resp_mask].unsqueeze(-1)).sum()  # NLL term: −log p_θ(y_t | f, x, y<t)
-    entropy = -(logp.exp() * logp).sum()  # H(p_θ(· | f, x, y<t)) = −Σ_v p_θ log p_θ (the loss has −α·H)
-    kl = logp.new_zeros(())  # KL(p_0(· | x, y<t) ‖ p_θ(· | f, x, y<t)) = Σ_v p_0 (log p_0 − log p_θ)
+    # NLL term: −log p_θ(y_t | f, x, y<t)
+    nll = -logp.gather(-1, targets[resp_mask].unsqueeze(-1)).sum()
+    # H(p_θ(· | f, x, y<t)) = −Σ_v p_θ log p_θ (the loss has −α·H)
+    entropy = -(logp.exp() * logp).sum()
+    # KL(p_0(· | x, y<t) ‖ p_θ(· | f, x, y<t)) = Σ_v p_0 (log p_0 − log p_θ)
+    kl = logp.new_zeros(())
     if ref_logits is not None:
         logq = torch.log_softmax(ref_logits[resp_mask].float(), -1)  # [N, V], p_0 without feedback
         kl = (logq.exp() * (logq - logp)).sum()
@@ -224,11 +348,15 @@ def save_checkpoint(out, model, tok, state, rank, barrier, zero=None):
         torch.save(state, os.path.join(tmp, "state.pt"))
     barrier()
     cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
-    torch.save({"torch": torch.get_rng_state(), **cuda, **({"zero": zero} if zero else {})},
-               os.path.join(tmp, f"rng_{rank}.pt"))
+    torch.save(
+        {"torch": torch.get_rng_state(), **cuda, **({"zero": zero} if zero else {})},
+        os.path.join(tmp, f"rng_{rank}.pt"),
+    )
     barrier()
-    if rank == 0:  # rename is atomic; a crash between the two renames leaves checkpoint.old, which resume reads
-        if os.path.isdir(ck):  # ck came from an atomic rename, so it is complete: a leftover .old is stale
+    if rank == 0:
+        # rename is atomic; a crash between the two renames leaves checkpoint.old, which resume reads
+        if os.path.isdir(ck):
+            # ck came from an atomic rename, so it is complete: a leftover .old is stale
             shutil.rmtree(ck + ".old", ignore_errors=True)
             os.replace(ck, ck + ".old")
         os.replace(tmp, ck)
@@ -237,18 +365,29 @@ def save_checkpoint(out, model, tok, state, rank, barrier, zero=None):
 
 
 def find_checkpoint(out):
-    found = [c for c in ("checkpoint", "checkpoint.old") if os.path.isfile(os.path.join(out, c, "state.pt"))]
+    found = [
+        c
+        for c in ("checkpoint", "checkpoint.old")
+        if os.path.isfile(os.path.join(out, c, "state.pt"))
+    ]
     return os.path.join(out, found[0]) if found else None
 
 
 def load_checkpoint(ck, rank, optimizer, scheduler, fingerprint):
     """Restore optimizer, schedule and this rank's RNG -> (step, β, α)."""
     try:  # weights_only: never unpickle objects from a run dir
-        state, rng = (torch.load(os.path.join(ck, f), weights_only=True) for f in ("state.pt", f"rng_{rank}.pt"))
+        state, rng = (
+            torch.load(os.path.join(ck, f), weights_only=True)
+            for f in ("state.pt", f"rng_{rank}.pt")
+        )
     except Exception as e:  # a tampered, truncated or foreign file: one line, not a traceback
-        raise AltError(f"{ck}: unreadable resume state ({type(e).__name__}); rerun with --overwrite") from None
+        raise AltError(
+            f"{ck}: unreadable resume state ({type(e).__name__}); rerun with --overwrite"
+        ) from None
     if state["fingerprint"] != fingerprint:
-        raise AltError(f"{ck}: made with other settings ({state['fingerprint']}); rerun with --overwrite")
+        raise AltError(
+            f"{ck}: made with other settings ({state['fingerprint']}); rerun with --overwrite"
+        )
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -263,7 +402,8 @@ def load_checkpoint(ck, rank, optimizer, scheduler, fingerprint):
 def zero_state(optimizer, load=None):
     """This rank's ZeRO shard as plain tensors: the inner AdamW state and the fp32 master partition. DeepSpeed's own
     checkpoint pickles Python objects, which a resume would have to unpickle; these load with weights_only=True."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO-1/2 wrap our AdamW; stage 0 hands it back as it is
+    # ZeRO-1/2 wrap our AdamW; stage 0 hands it back as it is
+    inner = getattr(optimizer, "optimizer", optimizer)
     parts = getattr(optimizer, "single_partition_of_fp32_groups", [])
     if load is None:
         return {"adam": inner.state_dict(), "fp32": [t.detach().cpu() for t in parts]}
@@ -281,24 +421,30 @@ def deepspeed_engine(path, model, optimizer, scheduler, want, bf16):
         if cfg.setdefault(k, "auto") == "auto":
             cfg[k] = v
         elif cfg[k] != v:
-            raise AltError(f"{path}: {k}={cfg[k]} disagrees with the flags ({v}); set it to \"auto\"")
+            raise AltError(f'{path}: {k}={cfg[k]} disagrees with the flags ({v}); set it to "auto"')
     if cfg.get("zero_optimization", {}).get("stage", 0) == 3:
-        raise AltError(f"{path}: ZeRO stage 3 is not supported (its sharded weights would need gathering to save)")
+        raise AltError(
+            f"{path}: ZeRO stage 3 is not supported (its sharded weights would need gathering to save)"
+        )
     for k in ("bf16", "fp16"):
         if cfg.get(k, {}).get("enabled") == "auto":
             cfg[k]["enabled"] = bf16 and k == "bf16"
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=cfg)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg
+    )
     return engine, optimizer, scheduler, bool(cfg.get("bf16", {}).get("enabled"))
 
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
-    summary_path, log_path = (os.path.join(args.out, n) for n in ("train_summary.json", "train_log.jsonl"))
+    summary_path, log_path = (
+        os.path.join(args.out, n) for n in ("train_summary.json", "train_log.jsonl")
+    )
     if os.path.exists(summary_path) and not args.overwrite:
         return print("done")
-    if args.overwrite and os.environ.get("RANK", "0") == "0":  # a crashed --overwrite run must not look finished
+    if args.overwrite and os.environ.get("RANK", "0") == "0":
+        # a crashed --overwrite run must not look finished
         for d in ("checkpoint", "checkpoint.old"):
             shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
@@ -307,12 +453,17 @@ def main(argv=None):
         try:
             import deepspeed
         except ImportError:
-            raise AltError("--deepspeed needs the deepspeed package (pip install --no-build-isolation -r "
-                           "requirements-dist.txt)") from None
+            raise AltError(
+                "--deepspeed needs the deepspeed package (pip install --no-build-isolation -r "
+                "requirements-dist.txt)"
+            ) from None
         if not os.path.isfile(args.deepspeed):
             raise AltError(f"{args.deepspeed}: DeepSpeed config not found")
-        for k, v in dict(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500).items():
-            os.environ.setdefault(k, str(v))  # a plain `python train.py --deepspeed` is a 1-process world
+        for k, v in dict(
+            RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500
+        ).items():
+            # a plain `python train.py --deepspeed` is a 1-process world
+            os.environ.setdefault(k, str(v))
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
 
@@ -338,60 +489,103 @@ def main(argv=None):
     # ---- data and models: p_θ starts from --model (or the resume checkpoint); p_0 is loaded only when β > 0
     meta = read_meta(args.data)
     if args.expect_method and meta.get("method") != args.expect_method:
-        raise AltError(f"{meta_path(args.data)}: pool method {meta.get('method')!r}, expected {args.expect_method!r}")
+        raise AltError(
+            f"{meta_path(args.data)}: pool method {meta.get('method')!r}, expected {args.expect_method!r}"
+        )
     tags = meta.get("tags") or []
-    rows, counts = read_pool(args.data, tags, args.per_category, args.drop_truncated, args.max_samples, args.seed)
-    extra = list(tags) if meta.get("method") == "quark" else []  # Quark's quantile tokens become single tokens
+    rows, counts = read_pool(
+        args.data, tags, args.per_category, args.drop_truncated, args.max_samples, args.seed
+    )
+    # Quark's quantile tokens become single tokens
+    extra = list(tags) if meta.get("method") == "quark" else []
     ck = None if args.overwrite else find_checkpoint(args.out)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
-    model, tok = common.load_policy(ck or args.model, device, "float32", extra, args.trust_remote_code)
+    model, tok = common.load_policy(
+        ck or args.model, device, "float32", extra, args.trust_remote_code
+    )
     have = {t for t in tok.get_vocab() if t.startswith("<|quantile_")}
     if extra and have != set(tags):
-        raise AltError(f"{args.model} has {len(have)} quantile tokens but {meta_path(args.data)} lists {len(tags)} "
-                       "tags: a pool from another K")
+        raise AltError(
+            f"{args.model} has {len(have)} quantile tokens but {meta_path(args.data)} lists {len(tags)} "
+            "tags: a pool from another K"
+        )
     ref, ref_path = None, args.ref_model or args.model
     if args.beta > 0:
-        ref, ref_tok = common.load_policy(ref_path, device, "bfloat16" if bf16 else "float32", extra,
-                                          args.trust_remote_code)
+        ref, ref_tok = common.load_policy(
+            ref_path, device, "bfloat16" if bf16 else "float32", extra, args.trust_remote_code
+        )
         if ref_tok.get_vocab() != tok.get_vocab():
-            raise AltError(f"{ref_path}: p_0's vocabulary differs from {args.model}'s (the KL needs one vocabulary)")
+            raise AltError(
+                f"{ref_path}: p_0's vocabulary differs from {args.model}'s (the KL needs one vocabulary)"
+            )
         ref.eval().requires_grad_(False)
-    max_len = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
-    examples = encode_rows(rows, tok, max_len, reference=ref is not None, eos_target=args.eos_target)
+    max_len = getattr(model.config, "n_positions", None) or getattr(
+        model.config, "max_position_embeddings", 1024
+    )
+    examples = encode_rows(
+        rows, tok, max_len, reference=ref is not None, eos_target=args.eos_target
+    )
     # NLL, KL and H are taken over the tokens sampling can draw: ALT's control tokens (the separator, Quark's
     # quantiles) are added last to the vocabulary and suppressed by sample.py, so their columns are dropped.
     control = common.control_token_ids(tok)
     vocab = control[0] if control else None
-    if control != list(range(len(tok) - len(control), len(tok))) or model.config.vocab_size != len(tok):
-        raise AltError(f"{args.model}: ALT's control tokens must be the last {len(control)} of {len(tok)} ids")
+    if control != list(range(len(tok) - len(control), len(tok))) or model.config.vocab_size != len(
+        tok
+    ):
+        raise AltError(
+            f"{args.model}: ALT's control tokens must be the last {len(control)} of {len(tok)} ids"
+        )
     counts["clipped_to_context"] = sum(e["clipped"] for e in examples)
     B, A = args.batch_size, args.grad_accum
     G = B * A * world
     if len(examples) < G:
-        raise AltError(f"{args.data}: {len(examples)} trainable rows, fewer than one global batch "
-                       f"(batch {B} x grad-accum {A} x world {world} = {G})")
+        raise AltError(
+            f"{args.data}: {len(examples)} trainable rows, fewer than one global batch "
+            f"(batch {B} x grad-accum {A} x world {world} = {G})"
+        )
     steps_per_epoch = len(examples) // G
     total_steps = steps_per_epoch * args.epochs
 
     # ---- optimisation: AdamW + linear warmup/decay; resume state; DDP or DeepSpeed around the same model
     if args.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable = (
+            getattr(model, "activation_checkpointing_enable", None)
+            or model.gradient_checkpointing_enable
+        )
         enable({"use_reentrant": False})  # the old name is deprecated in recent transformers 5.x
     model.train()  # dropout on (the official code trained in eval mode by mistake)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * total_steps), total_steps)
-    fingerprint = dict(data=os.path.abspath(args.data), examples=len(examples), global_batch=G, world=world,
-                       steps=total_steps, lr=args.lr, seed=args.seed)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay
+    )
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, round(args.warmup_ratio * total_steps), total_steps
+    )
+    fingerprint = dict(
+        data=os.path.abspath(args.data),
+        examples=len(examples),
+        global_batch=G,
+        world=world,
+        steps=total_steps,
+        lr=args.lr,
+        seed=args.seed,
+    )
     step, beta, alpha = 0, args.beta, args.alpha
-    common.seed_everything(args.seed + rank)  # ranks draw different dropout masks; a resume restores the RNG
+    # ranks draw different dropout masks; a resume restores the RNG
+    common.seed_everything(args.seed + rank)
     zero = None
     if ck:
         step, beta, alpha, zero = load_checkpoint(ck, rank, optimizer, scheduler, fingerprint)
     fwd = model
     if args.deepspeed:
-        want = dict(train_micro_batch_size_per_gpu=B, gradient_accumulation_steps=A, train_batch_size=G,
-                    gradient_clipping=args.max_grad_norm or 0.0)
-        fwd, optimizer, scheduler, ds_bf16 = deepspeed_engine(args.deepspeed, model, optimizer, scheduler, want, bf16)
+        want = dict(
+            train_micro_batch_size_per_gpu=B,
+            gradient_accumulation_steps=A,
+            train_batch_size=G,
+            gradient_clipping=args.max_grad_norm or 0.0,
+        )
+        fwd, optimizer, scheduler, ds_bf16 = deepspeed_engine(
+            args.deepspeed, model, optimizer, scheduler, want, bf16
+        )
         bf16 = bf16 and not ds_bf16  # DeepSpeed's own bf16 weights replace autocast
         if zero:
             zero_state(optimizer, load=zero)
@@ -400,8 +594,13 @@ def main(argv=None):
 
     # ---- the loop; rank 0 alone writes the log, the checkpoints and the model
     if rank == 0:
-        old = common.read_jsonl(log_path, allow_empty=True, partial_ok=True) if os.path.exists(log_path) else []
-        common.write_jsonl(log_path, [r for r in old if r.get("step", 0) <= step])  # drop steps past the checkpoint
+        old = (
+            common.read_jsonl(log_path, allow_empty=True, partial_ok=True)
+            if os.path.exists(log_path)
+            else []
+        )
+        # drop steps past the checkpoint
+        common.write_jsonl(log_path, [r for r in old if r.get("step", 0) <= step])
         log_fh = open(log_path, "a", encoding="utf-8")
     barrier()
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
@@ -410,23 +609,40 @@ def main(argv=None):
         t0 = time.time()
         epoch, b = divmod(step, steps_per_epoch)
         plan = plan if epoch in plan else {epoch: plan_epoch(examples, G, epoch, args.seed)}
-        mine = [examples[i] for i in plan[epoch][b][rank * B * A:(rank + 1) * B * A]]  # this rank's shard
-        micro = [mine[j * B:(j + 1) * B] for j in range(A)]
+        # this rank's shard
+        mine = [examples[i] for i in plan[epoch][b][rank * B * A : (rank + 1) * B * A]]
+        micro = [mine[j * B : (j + 1) * B] for j in range(A)]
         pol = [collate([(e["prefix"], e["response"]) for e in m], tok.pad_token_id) for m in micro]
-        refb = [collate([(e["ref_prefix"], e["response"]) for e in m], tok.pad_token_id) for m in micro] if ref else pol
-        n_resp = all_sum(torch.tensor([sum(p["resp_mask"].sum().item() for p in pol)], dtype=torch.float64)).item()
+        refb = (
+            [
+                collate([(e["ref_prefix"], e["response"]) for e in m], tok.pad_token_id)
+                for m in micro
+            ]
+            if ref
+            else pol
+        )
+        n_resp = all_sum(
+            torch.tensor([sum(p["resp_mask"].sum().item() for p in pol)], dtype=torch.float64)
+        ).item()
         sums = torch.zeros(4, dtype=torch.float64)  # Σ nll, Σ kl, Σ entropy, input tokens
         for j, (pb, rb) in enumerate(zip(pol, refb)):
             pb, rb = ({k: v.to(device) for k, v in x.items()} for x in (pb, rb))
-            no_sync = world > 1 and not args.deepspeed and j < A - 1  # DDP: all-reduce grads on the last micro only
-            with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=bf16), \
-                    fwd.no_sync() if no_sync else contextlib.nullcontext():
-                with torch.no_grad():  # p_0 is fixed (not inference_mode: the KL saves its logits for backward)
+            # DDP: all-reduce grads on the last micro only
+            no_sync = world > 1 and not args.deepspeed and j < A - 1
+            with (
+                torch.autocast(device.split(":")[0], torch.bfloat16, enabled=bf16),
+                fwd.no_sync() if no_sync else contextlib.nullcontext(),
+            ):
+                with torch.no_grad():
+                    # p_0 is fixed (not inference_mode: the KL saves its logits for backward)
                     ref_logits = None if ref is None else response_logits(ref, rb, vocab)
                 logits = response_logits(fwd, pb, vocab)
                 nll, kl, entropy = alt_loss(logits, ref_logits, pb["targets"], pb["resp_mask"])
-                loss = (nll + beta * kl - alpha * entropy) * (world / n_resp)  # ranks average grads: Σ / N_global
-                sums[:3] += torch.stack([nll.detach(), kl.detach(), entropy.detach()]).double().cpu()
+                # ranks average grads: Σ / N_global
+                loss = (nll + beta * kl - alpha * entropy) * (world / n_resp)
+                sums[:3] += (
+                    torch.stack([nll.detach(), kl.detach(), entropy.detach()]).double().cpu()
+                )
                 sums[3] += pb["attention_mask"].sum().item()
                 if j == A - 1:  # the whole step's loss is known: stop on NaN/Inf before the update
                     tot = all_sum(sums.clone())
@@ -435,14 +651,23 @@ def main(argv=None):
                     if not math.isfinite(total):
                         bar.close()  # so the error below is the last line the user sees
                         kept = find_checkpoint(args.out)
-                        raise AltError(f"non-finite loss ({total}) at step {step + 1}; stopped before the update; "
-                                       + (f"last good checkpoint kept: {kept}" if kept else "no checkpoint yet"))
+                        raise AltError(
+                            f"non-finite loss ({total}) at step {step + 1}; stopped before the update; "
+                            + (
+                                f"last good checkpoint kept: {kept}"
+                                if kept
+                                else "no checkpoint yet"
+                            )
+                        )
                 if args.deepspeed:
                     fwd.backward(loss * A)  # DeepSpeed divides by gradient_accumulation_steps
                     fwd.step()  # updates only at the accumulation boundary
                 else:
                     loss.backward()
-            pad, slots = pad + int((pb["attention_mask"] == 0).sum()), slots + pb["attention_mask"].numel()
+            pad, slots = (
+                pad + int((pb["attention_mask"] == 0).sum()),
+                slots + pb["attention_mask"].numel(),
+            )
         if args.deepspeed:
             grad_norm = fwd.get_global_grad_norm()
         else:
@@ -452,21 +677,41 @@ def main(argv=None):
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         step += 1
-        last = dict(step=step, epoch=epoch, nll=nll_m, kl=kl_m, entropy=ent_m, total=total, beta=beta, alpha=alpha,
-                    lr=scheduler.get_last_lr()[0], grad_norm=None if grad_norm is None else float(grad_norm),
-                    tokens=int(tot[3]), tokens_per_s=round(float(tot[3]) / max(time.time() - t0, 1e-9), 1))
+        last = dict(
+            step=step,
+            epoch=epoch,
+            nll=nll_m,
+            kl=kl_m,
+            entropy=ent_m,
+            total=total,
+            beta=beta,
+            alpha=alpha,
+            lr=scheduler.get_last_lr()[0],
+            grad_norm=None if grad_norm is None else float(grad_norm),
+            tokens=int(tot[3]),
+            tokens_per_s=round(float(tot[3]) / max(time.time() - t0, 1e-9), 1),
+        )
         # optional adaptive controllers: clipped multiplicative steps toward the targets (Ziegler et al.'s KL rule)
         if args.target_kl:
             beta *= math.exp(args.controller_rate * max(-0.2, min(0.2, kl_m / args.target_kl - 1)))
         if args.target_entropy:
-            alpha *= math.exp(args.controller_rate * max(-0.2, min(0.2, 1 - ent_m / args.target_entropy)))
+            alpha *= math.exp(
+                args.controller_rate * max(-0.2, min(0.2, 1 - ent_m / args.target_entropy))
+            )
         if rank == 0:
             common.append_jsonl(log_fh, last)
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
         if step % args.save_every == 0 and step < total_steps:
-            state = dict(step=step, beta=beta, alpha=alpha, fingerprint=fingerprint, scheduler=scheduler.state_dict())
-            if not args.deepspeed:  # under DeepSpeed each rank saves its own shard instead (zero_state)
+            state = dict(
+                step=step,
+                beta=beta,
+                alpha=alpha,
+                fingerprint=fingerprint,
+                scheduler=scheduler.state_dict(),
+            )
+            if not args.deepspeed:
+                # under DeepSpeed each rank saves its own shard instead (zero_state)
                 state["optimizer"] = optimizer.state_dict()
             zero = zero_state(optimizer) if args.deepspeed else None
             save_checkpoint(args.out, model, tok, state, rank, barrier, zero)
@@ -477,15 +722,33 @@ def main(argv=None):
         log_fh.close()
         model.save_pretrained(args.out)
         tok.save_pretrained(args.out)
-        common.write_json(summary_path, dict(
-            method=meta.get("method"), tags=tags or None, exemplar=meta.get("exemplar"), data=args.data,
-            model=args.model, ref_model=ref_path if ref else None, counts=counts, examples=len(examples),
-            steps=total_steps, epochs=args.epochs, global_batch=G, world_size=world, deepspeed=args.deepspeed,
-            final=last, padding_share=round(pad / max(slots, 1), 4), train_seconds=round(time.time() - t_start, 1),
-            args=vars(args)))
+        common.write_json(
+            summary_path,
+            dict(
+                method=meta.get("method"),
+                tags=tags or None,
+                exemplar=meta.get("exemplar"),
+                data=args.data,
+                model=args.model,
+                ref_model=ref_path if ref else None,
+                counts=counts,
+                examples=len(examples),
+                steps=total_steps,
+                epochs=args.epochs,
+                global_batch=G,
+                world_size=world,
+                deepspeed=args.deepspeed,
+                final=last,
+                padding_share=round(pad / max(slots, 1), 4),
+                train_seconds=round(time.time() - t_start, 1),
+                args=vars(args),
+            ),
+        )
         for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
             shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
-        print(f"train.py: {total_steps} steps on {len(examples)} rows -> {args.out} (final loss {total:.4f})")
+        print(
+            f"train.py: {total_steps} steps on {len(examples)} rows -> {args.out} (final loss {total:.4f})"
+        )
     barrier()
     if dist:
         torch.distributed.destroy_process_group()

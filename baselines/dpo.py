@@ -20,6 +20,7 @@ and feedback.py --method alt-rm:
     python -m baselines.dpo --data runs/toy-dpo/iter_2/pool.jsonl --model runs/toy-dpo/iter_1/model \
         --ref-model toy/model --out runs/toy-dpo/iter_2/model --beta 0.1 --lr 1e-4 --batch-size 32
 """
+
 import argparse
 import math
 import os
@@ -35,25 +36,59 @@ from common import AltError
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="dpo.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="dpo.py",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     # ---- defaults block (DPO paper, Rafailov et al. 2023, and train.py's for the rest)
-    p.add_argument("--data", required=True, help="datapool D_k with rewards (JSONL from feedback.py)")
-    p.add_argument("--model", required=True, help="start checkpoint: the previous iteration's θ (iteration 1: p_0)")
-    p.add_argument("--ref-model", help="π_ref (ALT's comparison: p_0, the initial model); default --model")
+    p.add_argument(
+        "--data", required=True, help="datapool D_k with rewards (JSONL from feedback.py)"
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="start checkpoint: the previous iteration's θ (iteration 1: p_0)",
+    )
+    p.add_argument(
+        "--ref-model", help="π_ref (ALT's comparison: p_0, the initial model); default --model"
+    )
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature β (DPO paper: 0.1)")
-    p.add_argument("--min-margin", type=float, default=0.25, help="skip a pair whose rewards differ by less (ours: "
-                   "below it a near-binary judge's gap is mostly noise, and DPO would learn the noise)")
+    p.add_argument(
+        "--min-margin",
+        type=float,
+        default=0.25,
+        help="skip a pair whose rewards differ by less (ours: "
+        "below it a near-binary judge's gap is mostly noise, and DPO would learn the noise)",
+    )
     p.add_argument("--epochs", type=int, default=1, help="passes over the pairs per iteration")
-    p.add_argument("--batch-size", type=int, default=32, help="pairs per step (ALT paper's batch: 32)")
-    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (as train.py; alt_loop passes 1e-4)")
-    p.add_argument("--warmup-ratio", type=float, default=0.05, help="linear-warmup share of steps, then linear decay")
-    p.add_argument("--max-grad-norm", type=float, help="clip the gradient norm (DPO reference code: 10; off)")
-    p.add_argument("--save-every", type=int, default=100, help="write the resume checkpoint every N steps")
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="pairs per step (ALT paper's batch: 32)"
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=1e-5,
+        help="AdamW learning rate (as train.py; alt_loop passes 1e-4)",
+    )
+    p.add_argument(
+        "--warmup-ratio",
+        type=float,
+        default=0.05,
+        help="linear-warmup share of steps, then linear decay",
+    )
+    p.add_argument(
+        "--max-grad-norm", type=float, help="clip the gradient norm (DPO reference code: 10; off)"
+    )
+    p.add_argument(
+        "--save-every", type=int, default=100, help="write the resume checkpoint every N steps"
+    )
     p.add_argument("--seed", type=int, default=0, help="batch order")
     p.add_argument("--overwrite", action="store_true", help="retrain even if --out is finished")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off: GPT-2)")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="allow custom model code (off: GPT-2)"
+    )
     a = p.parse_args(argv)
     if min(a.epochs, a.batch_size, a.save_every) < 1:
         p.error("--epochs, --batch-size and --save-every must be >= 1")
@@ -67,12 +102,21 @@ def make_pairs(rows, path, lines=None, min_margin=0.0):
     """Pool rows -> ([(y_w row, y_l row)], counts): per prompt_id, the max- and min-reward samples, if their rewards
     differ by at least min_margin."""
     lines = lines or list(range(1, len(rows) + 1))
-    counts = dict(read=len(rows), null_reward=0, empty_generation=0, single_sample=0, all_tied=0, small_margin=0)
+    counts = dict(
+        read=len(rows),
+        null_reward=0,
+        empty_generation=0,
+        single_sample=0,
+        all_tied=0,
+        small_margin=0,
+    )
     groups = {}
     for line, r in zip(lines, rows):
         if "reward" not in r:
-            raise AltError(f"{path}:{line}: no 'reward' (DPO ranks samples by reward: make the pool with "
-                           "feedback.py --method alt-rm)")
+            raise AltError(
+                f"{path}:{line}: no 'reward' (DPO ranks samples by reward: make the pool with "
+                "feedback.py --method alt-rm)"
+            )
         bad = [k for k in ("prompt", "generation") if not isinstance(r[k], str)]
         if bad:
             raise AltError(f"{path}:{line}: '{bad[0]}' must be a string")
@@ -87,7 +131,8 @@ def make_pairs(rows, path, lines=None, min_margin=0.0):
             groups.setdefault(str(r.get("prompt_id", r["prompt"])), []).append(r)
     pairs = []
     for g in groups.values():
-        w, l = max(g, key=lambda r: r["reward"]), min(g, key=lambda r: r["reward"])  # first one wins a tie
+        # first one wins a tie
+        w, l = max(g, key=lambda r: r["reward"]), min(g, key=lambda r: r["reward"])  # noqa: E741
         if len(g) < 2:
             counts["single_sample"] += 1
         elif w["reward"] == l["reward"]:
@@ -98,17 +143,36 @@ def make_pairs(rows, path, lines=None, min_margin=0.0):
             pairs.append((w, l))
     counts["pairs"] = len(pairs)
     if not pairs:
-        raise AltError(f"{path}: no prompt has two scored samples with different rewards, so no DPO pair ({counts})")
+        raise AltError(
+            f"{path}: no prompt has two scored samples with different rewards, so no DPO pair ({counts})"
+        )
     return pairs, counts
 
 
 def encode_pairs(pairs, tokenizer, max_length):
     """Pairs -> [{"w": (x ids, y_w ids), "l": (x ids, y_l ids), "x_len", "response"}], with train.py's encoding
     (x and y tokenised apart, no EOS target). x_len/response feed train.plan_epoch's length buckets."""
-    strip = lambda r: {"prompt": r["prompt"], "generation": r["generation"], "truncated": r.get("truncated")}  # noqa
-    ew, el = (train.encode_rows([strip(p[i]) for p in pairs], tokenizer, max_length, reference=False) for i in (0, 1))
-    return [{"w": (a["prefix"], a["response"]), "l": (b["prefix"], b["response"]), "x_len": a["x_len"],
-             "response": max(a["response"], b["response"], key=len)} for a, b in zip(ew, el)]
+
+    def strip(r):
+        return {
+            "prompt": r["prompt"],
+            "generation": r["generation"],
+            "truncated": r.get("truncated"),
+        }
+
+    ew, el = (
+        train.encode_rows([strip(p[i]) for p in pairs], tokenizer, max_length, reference=False)
+        for i in (0, 1)
+    )
+    return [
+        {
+            "w": (a["prefix"], a["response"]),
+            "l": (b["prefix"], b["response"]),
+            "x_len": a["x_len"],
+            "response": max(a["response"], b["response"], key=len),
+        }
+        for a, b in zip(ew, el)
+    ]
 
 
 # ----------------------------------------------------------------------------- the DPO loss
@@ -132,9 +196,12 @@ def pair_batch(examples, pad_id):
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun would start N copies racing on one --out
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun would start N copies racing on one --out
         raise AltError("dpo.py runs in one process: use alt_loop.py --launcher python")
-    summary_path, log_path = (os.path.join(args.out, n) for n in ("train_summary.json", "train_log.jsonl"))
+    summary_path, log_path = (
+        os.path.join(args.out, n) for n in ("train_summary.json", "train_log.jsonl")
+    )
     if os.path.exists(summary_path) and not args.overwrite:
         return print("done")
     if args.overwrite:  # a crashed --overwrite run must not look finished, nor resume the old state
@@ -146,36 +213,59 @@ def main(argv=None):
     from transformers import get_linear_schedule_with_warmup
 
     rows = common.read_jsonl(args.data, required=("prompt", "generation"))
-    with open(args.data, "rb") as fh:  # read_jsonl drops blank lines: map rows back to file lines for messages
+    with open(args.data, "rb") as fh:
+        # read_jsonl drops blank lines: map rows back to file lines for messages
         lines = [i for i, raw in enumerate(fh.read().split(b"\n"), 1) if raw.strip()]
     pairs, counts = make_pairs(rows, args.data, lines, args.min_margin)
     device = common.default_device_dtype()[0]
     ck = None if args.overwrite else train.find_checkpoint(args.out)
-    model, tok = common.load_policy(ck or args.model, device, "float32", trust_remote_code=args.trust_remote_code)
+    model, tok = common.load_policy(
+        ck or args.model, device, "float32", trust_remote_code=args.trust_remote_code
+    )
     ref_path = args.ref_model or args.model
-    ref, ref_tok = common.load_policy(ref_path, device, "float32", trust_remote_code=args.trust_remote_code)
+    ref, ref_tok = common.load_policy(
+        ref_path, device, "float32", trust_remote_code=args.trust_remote_code
+    )
     if ref_tok.get_vocab() != tok.get_vocab():
         raise AltError(f"{ref_path}: π_ref's vocabulary differs from {args.model}'s")
     ref.eval().requires_grad_(False)
     # dropout off: π_θ = π_ref exactly at step 0 (loss log 2), and log-ratios are not noise (the toy has none anyway)
     model.eval()
-    max_len = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
+    max_len = getattr(model.config, "n_positions", None) or getattr(
+        model.config, "max_position_embeddings", 1024
+    )
     examples = encode_pairs(pairs, tok, max_len)
     B = args.batch_size
     if len(examples) < B:
-        raise AltError(f"{args.data}: {len(examples)} pairs, fewer than one batch of {B} (lower --batch-size)")
+        raise AltError(
+            f"{args.data}: {len(examples)} pairs, fewer than one batch of {B} (lower --batch-size)"
+        )
     steps_per_epoch = len(examples) // B
     total_steps = steps_per_epoch * args.epochs
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * total_steps), total_steps)
-    fingerprint = dict(data=os.path.abspath(args.data), pairs=len(examples), batch=B, steps=total_steps, lr=args.lr,
-                       beta=args.beta, seed=args.seed)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, round(args.warmup_ratio * total_steps), total_steps
+    )
+    fingerprint = dict(
+        data=os.path.abspath(args.data),
+        pairs=len(examples),
+        batch=B,
+        steps=total_steps,
+        lr=args.lr,
+        beta=args.beta,
+        seed=args.seed,
+    )
     step = 0
     if ck:
         step = train.load_checkpoint(ck, 0, optimizer, scheduler, fingerprint)[0]
-    old = common.read_jsonl(log_path, allow_empty=True, partial_ok=True) if os.path.exists(log_path) else []
-    common.write_jsonl(log_path, [r for r in old if r.get("step", 0) <= step])  # drop steps past the checkpoint
+    old = (
+        common.read_jsonl(log_path, allow_empty=True, partial_ok=True)
+        if os.path.exists(log_path)
+        else []
+    )
+    # drop steps past the checkpoint
+    common.write_jsonl(log_path, [r for r in old if r.get("step", 0) <= step])
     log_fh = open(log_path, "a", encoding="utf-8")
 
     bar = tqdm(total=total_steps, initial=step, desc="dpo", dynamic_ncols=True)
@@ -189,28 +279,50 @@ def main(argv=None):
         with torch.inference_mode():
             ref_lp = sequence_logprobs(ref, batch)  # [2B]
         pi_lp = sequence_logprobs(model, batch)
-        loss, margin = dpo_loss(pi_lp[:B], pi_lp[B:], ref_lp[:B].clone(), ref_lp[B:].clone(), args.beta)
+        loss, margin = dpo_loss(
+            pi_lp[:B], pi_lp[B:], ref_lp[:B].clone(), ref_lp[B:].clone(), args.beta
+        )
         if not math.isfinite(loss.item()):
             raise AltError(f"non-finite DPO loss at step {step + 1}; stopped before the update")
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm \
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            if args.max_grad_norm
             else None
+        )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        chosen, rejected = (args.beta * (pi_lp[s] - ref_lp[s]).detach() for s in (slice(0, B), slice(B, None)))
+        chosen, rejected = (
+            args.beta * (pi_lp[s] - ref_lp[s]).detach() for s in (slice(0, B), slice(B, None))
+        )
         tokens = int(batch["attention_mask"].sum())
-        last = dict(step=step, epoch=epoch, loss=loss.item(), reward_acc=(margin > 0).float().mean().item(),
-                    margin=margin.mean().item(), chosen=chosen.mean().item(), rejected=rejected.mean().item(),
-                    lr=scheduler.get_last_lr()[0], grad_norm=None if grad_norm is None else float(grad_norm),
-                    tokens=tokens, tokens_per_s=round(tokens / max(time.time() - t0, 1e-9), 1))
+        last = dict(
+            step=step,
+            epoch=epoch,
+            loss=loss.item(),
+            reward_acc=(margin > 0).float().mean().item(),
+            margin=margin.mean().item(),
+            chosen=chosen.mean().item(),
+            rejected=rejected.mean().item(),
+            lr=scheduler.get_last_lr()[0],
+            grad_norm=None if grad_norm is None else float(grad_norm),
+            tokens=tokens,
+            tokens_per_s=round(tokens / max(time.time() - t0, 1e-9), 1),
+        )
         common.append_jsonl(log_fh, last)
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['reward_acc']:.2f}")
         if step % args.save_every == 0 and step < total_steps:
-            state = dict(step=step, beta=args.beta, alpha=0.0, fingerprint=fingerprint,  # train.py's state layout
-                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+            state = dict(
+                step=step,
+                beta=args.beta,
+                alpha=0.0,
+                fingerprint=fingerprint,  # train.py's state layout
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+            )
             train.save_checkpoint(args.out, model, tok, state, 0, lambda: None)
     bar.close()
     log_fh.close()
@@ -218,15 +330,31 @@ def main(argv=None):
     # ---- outputs: the model, then the summary (its presence marks --out finished)
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
-    common.write_json(summary_path, dict(
-        method="dpo", tags=None, exemplar=None, data=args.data, model=args.model, ref_model=ref_path, counts=counts,
-        pairs=len(examples), steps=total_steps, epochs=args.epochs, final=last,
-        train_seconds=round(time.time() - t_start, 1), args=vars(args)))
+    common.write_json(
+        summary_path,
+        dict(
+            method="dpo",
+            tags=None,
+            exemplar=None,
+            data=args.data,
+            model=args.model,
+            ref_model=ref_path,
+            counts=counts,
+            pairs=len(examples),
+            steps=total_steps,
+            epochs=args.epochs,
+            final=last,
+            train_seconds=round(time.time() - t_start, 1),
+            args=vars(args),
+        ),
+    )
     for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
         shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
-    print(f"dpo.py: {total_steps} steps on {len(examples)} pairs -> {args.out} (final loss {last.get('loss', 0):.4f}); "
-          f"skipped: {counts['single_sample']} single-sample and {counts['all_tied']} all-tied prompts, "
-          f"{counts['null_reward']} null rewards, {counts['empty_generation']} empty generations")
+    print(
+        f"dpo.py: {total_steps} steps on {len(examples)} pairs -> {args.out} (final loss {last.get('loss', 0):.4f}); "
+        f"skipped: {counts['single_sample']} single-sample and {counts['all_tied']} all-tied prompts, "
+        f"{counts['null_reward']} null rewards, {counts['empty_generation']} empty generations"
+    )
 
 
 if __name__ == "__main__":

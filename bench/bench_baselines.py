@@ -12,6 +12,7 @@ cost ratio per token of data learnt from. Steps are interleaved (one untimed war
 is kept, so all three share the machine's noise. The last line holds the ratios (method / train.py).
 Run from the repo root:  HF_HUB_OFFLINE=1 python -m bench.bench_baselines     (on a busy machine: OMP_NUM_THREADS=1)
 """
+
 import argparse
 import os
 import random
@@ -43,15 +44,32 @@ def main():
     policy, tok = common.load_policy(path, "cpu", "float32")
     ref, _ = common.load_policy(path, "cpu", "float32")
     ref.eval().requires_grad_(False)
-    prompts = common.load_prompts(os.path.join(ROOT, "toy", "prompts", "train.jsonl"))[:a.prompts]
-    gens = generate_batched(policy, tok, [x["prompt"] for x in prompts], num_samples=2, max_new_tokens=20, seed=0,
-                            progress=False)
+    prompts = common.load_prompts(os.path.join(ROOT, "toy", "prompts", "train.jsonl"))[: a.prompts]
+    gens = generate_batched(
+        policy,
+        tok,
+        [x["prompt"] for x in prompts],
+        num_samples=2,
+        max_new_tokens=20,
+        seed=0,
+        progress=False,
+    )
     rng = random.Random(0)
     tags = TAG_SETS["toxicity"]
-    rows = [{"prompt_id": i, "prompt": x["prompt"], "generation": y["generation"] or ".", "truncated": y["truncated"],
-             "feedback": rng.choice(tags), "reward": rng.random()} for i, (x, ys) in enumerate(zip(prompts, gens))
-            for y in ys]
-    policy.eval()  # as dpo.py and ppo.py run (the toy has no dropout: train.py's train() mode costs the same)
+    rows = [
+        {
+            "prompt_id": i,
+            "prompt": x["prompt"],
+            "generation": y["generation"] or ".",
+            "truncated": y["truncated"],
+            "feedback": rng.choice(tags),
+            "reward": rng.random(),
+        }
+        for i, (x, ys) in enumerate(zip(prompts, gens))
+        for y in ys
+    ]
+    # as dpo.py and ppo.py run (the toy has no dropout: train.py's train() mode costs the same)
+    policy.eval()
 
     # ---- train.py's step (its functions, its loss normalisation)
     ex = train.encode_rows(rows, tok, 128)
@@ -62,8 +80,9 @@ def main():
     def train_step():
         with torch.inference_mode():
             ref_logits = train.response_logits(ref, refb)
-        nll, kl, ent = train.alt_loss(train.response_logits(policy, pol), ref_logits.clone(), pol["targets"],
-                                      pol["resp_mask"])
+        nll, kl, ent = train.alt_loss(
+            train.response_logits(policy, pol), ref_logits.clone(), pol["targets"], pol["resp_mask"]
+        )
         ((nll + 0.05 * kl - 0.06 * ent) / pol["resp_mask"].sum()).backward()
         opt_t.step()
         opt_t.zero_grad(set_to_none=True)
@@ -82,8 +101,15 @@ def main():
         opt_d.zero_grad(set_to_none=True)
 
     # ---- ppo.learn on the same rows as rollouts (x alone, y's ids and EOS as ppo.rollout packs them)
-    pbatch = train.collate([(e["prefix"], e["response"]) for e in train.encode_rows(
-        [{**r, "feedback": None} for r in rows], tok, 128, reference=False)], tok.pad_token_id)
+    pbatch = train.collate(
+        [
+            (e["prefix"], e["response"])
+            for e in train.encode_rows(
+                [{**r, "feedback": None} for r in rows], tok, 128, reference=False
+            )
+        ],
+        tok.pad_token_id,
+    )
     scores = torch.tensor([r["reward"] for r in rows])
     head = torch.nn.Linear(policy.config.hidden_size, 1)
     opt_p = torch.optim.AdamW([*policy.parameters(), *head.parameters()], lr=1e-6)
@@ -92,9 +118,12 @@ def main():
     ppo_stats = {}
 
     def ppo_update():
-        ppo_stats.update(ppo.learn(policy, ref, head, opt_p, pbatch, scores, control, 0.05, pargs, seed=0))
+        ppo_stats.update(
+            ppo.learn(policy, ref, head, opt_p, pbatch, scores, control, 0.05, pargs, seed=0)
+        )
 
-    tokens = int(pbatch["attention_mask"].sum())  # the (x, y) tokens of the batch: one numerator for all
+    # the (x, y) tokens of the batch: one numerator for all
+    tokens = int(pbatch["attention_mask"].sum())
     steps = {"train.py step": train_step, "DPO step": dpo_step, "PPO update": ppo_update}
     times = {k: [] for k in steps}
     for rep in range(a.repeats + 1):
@@ -103,17 +132,23 @@ def main():
             fn()
             if rep:  # rep 0 warms up (allocator, AdamW state)
                 times[name].append(time.perf_counter() - t0)
-    print(f"model: {what}; batch: {len(rows)} (x, y) rows, {tokens} tokens (x + y); torch threads "
-          f"{torch.get_num_threads()}; median of {a.repeats}")
+    print(
+        f"model: {what}; batch: {len(rows)} (x, y) rows, {tokens} tokens (x + y); torch threads "
+        f"{torch.get_num_threads()}; median of {a.repeats}"
+    )
     rate = {k: tokens / statistics.median(v) for k, v in times.items()}
     for name, r in rate.items():
         print(f"  {name:14s} {statistics.median(times[name]):7.3f} s   {r:9.1f} tokens/s")
     n_mb = pargs.ppo_epochs * -(-len(rows) // pargs.minibatch)
-    print(f"  (PPO update = 2 no-grad passes (π_old+V, p_0) + {n_mb} clipped minibatch steps: "
-          f"{ppo_stats['tokens'] / statistics.median(times['PPO update']):.1f} processed tokens/s)")
+    print(
+        f"  (PPO update = 2 no-grad passes (π_old+V, p_0) + {n_mb} clipped minibatch steps: "
+        f"{ppo_stats['tokens'] / statistics.median(times['PPO update']):.1f} processed tokens/s)"
+    )
     base = rate["train.py step"]
-    print(f"ratios (tokens/s vs train.py step): DPO step {rate['DPO step'] / base:.2f}x, "
-          f"PPO update {rate['PPO update'] / base:.2f}x")
+    print(
+        f"ratios (tokens/s vs train.py step): DPO step {rate['DPO step'] / base:.2f}x, "
+        f"PPO update {rate['PPO update'] / base:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python -m bench.bench_feedback        (from the repo root; about 15 s on 2 CPU cores; no network, no GPU)
 Targets: profanity-check >= 10k texts/s; judge requests/s at --concurrency 16 >= 10x that at 1; cached rerun sends 0.
 """
+
 import contextlib
 import io
 import json
@@ -36,28 +37,61 @@ print(f"scorer profanity-check: {scorer_tps:,.0f} texts/s over {len(texts):,} te
 
 # ----------------------------------------------------------------------------- LLM judge
 def run(stub, n, concurrency, folder, cache):
-    rows = [{"prompt_id": i, "sample_idx": 0, "iteration": 1, "prompt": f"Human: question {i}?\n\nAssistant:",
-             "generation": f"reply {i}: {text(12, random.Random(i))}"} for i in range(n)]  # distinct (x, y): one request each
+    # distinct (x, y): one request each
+    rows = [
+        {
+            "prompt_id": i,
+            "sample_idx": 0,
+            "iteration": 1,
+            "prompt": f"Human: question {i}?\n\nAssistant:",
+            "generation": f"reply {i}: {text(12, random.Random(i))}",
+        }
+        for i in range(n)
+    ]
     samples = os.path.join(folder, f"s{n}.jsonl")
     with open(samples, "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
     before, t0 = stub.requests, time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        feedback.main(["--method", "alt-lmc", "--samples", samples, "--out", os.path.join(folder, f"p{n}.jsonl"),
-                       "--base-url", stub.url, "--llm-model", "stub", "--concurrency", str(concurrency),
-                       "--cache", cache, "--overwrite"])
+        feedback.main(
+            [
+                "--method",
+                "alt-lmc",
+                "--samples",
+                samples,
+                "--out",
+                os.path.join(folder, f"p{n}.jsonl"),
+                "--base-url",
+                stub.url,
+                "--llm-model",
+                "stub",
+                "--concurrency",
+                str(concurrency),
+                "--cache",
+                cache,
+                "--overwrite",
+            ]
+        )
     return stub.requests - before, time.perf_counter() - t0
 
 
-with tempfile.TemporaryDirectory() as tmp, openai_stub(lambda t, n: "Harmless and helpful", latency=0.1) as stub:
+with (
+    tempfile.TemporaryDirectory() as tmp,
+    openai_stub(lambda t, n: "Harmless and helpful", latency=0.1) as stub,
+):
     os.environ.pop("OPENAI_API_KEY", None)
-    run(stub, 2, 2, tmp, os.path.join(tmp, "warmup.jsonl"))  # first-call imports and client setup, untimed
+    # first-call imports and client setup, untimed
+    run(stub, 2, 2, tmp, os.path.join(tmp, "warmup.jsonl"))
     n1, s1 = run(stub, 20, 1, tmp, os.path.join(tmp, "c1.jsonl"))
     n16, s16 = run(stub, 320, 16, tmp, os.path.join(tmp, "c16.jsonl"))
     cached, s_cached = run(stub, 320, 16, tmp, os.path.join(tmp, "c16.jsonl"))
 rps1, rps16 = n1 / s1, n16 / s16
-print(f"judge vs stub (100 ms latency): concurrency 1: {rps1:.1f} req/s ({n1} in {s1:.2f} s); "
-      f"concurrency 16: {rps16:.1f} req/s ({n16} in {s16:.2f} s)")
+print(
+    f"judge vs stub (100 ms latency): concurrency 1: {rps1:.1f} req/s ({n1} in {s1:.2f} s); "
+    f"concurrency 16: {rps16:.1f} req/s ({n16} in {s16:.2f} s)"
+)
 print(f"cached rerun of the 320 rows: {cached} requests in {s_cached:.2f} s")
-print(f"ratios: scorer {scorer_tps / 10_000:.1f}x the 10k texts/s target | judge concurrency 16 vs 1: "
-      f"{rps16 / rps1:.1f}x (target >= 10x) | cached rerun requests: {cached} (target 0)")
+print(
+    f"ratios: scorer {scorer_tps / 10_000:.1f}x the 10k texts/s target | judge concurrency 16 vs 1: "
+    f"{rps16 / rps1:.1f}x (target >= 10x) | cached rerun requests: {cached} (target 0)"
+)

@@ -12,6 +12,7 @@ Prints
   4. peak RSS of this process.
 The last line holds the ratios.   Run from the repo root:  HF_HUB_OFFLINE=1 python -m bench.bench_train [--quick]
 """
+
 import argparse
 import os
 import random
@@ -42,11 +43,23 @@ def toy_model(tmp):
 
     from toy.build_toy_model import train_tokenizer
 
-    texts = [r["prompt"] for r in common.load_prompts(os.path.join(ROOT, "toy", "prompts", "train.jsonl"))]
+    texts = [
+        r["prompt"]
+        for r in common.load_prompts(os.path.join(ROOT, "toy", "prompts", "train.jsonl"))
+    ]
     tok = train_tokenizer(texts * 4, vocab_size=8192)
     tok.save_pretrained(tmp)
-    GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab_size=len(tok),
-                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(tmp)
+    GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=4,
+            n_embd=256,
+            n_head=4,
+            n_positions=128,
+            vocab_size=len(tok),
+            bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    ).save_pretrained(tmp)
     return tmp, "random toy-shaped model (toy/model not built)"
 
 
@@ -55,15 +68,36 @@ def make_pool(model_dir, path, n_sampled, n_rows, seed=0):
     (sample.generate_batched, <= 20 tokens, from the first n_sampled prompts), so the y lengths are the model's."""
     model, tok = common.load_policy(model_dir, "cpu", "float32")
     prompts = common.load_prompts(os.path.join(ROOT, "toy", "prompts", "train.jsonl"))
-    gens = [g[0] for g in generate_batched(model, tok, [p["prompt"] for p in prompts[:n_sampled]], max_new_tokens=20,
-                                           batch_size=64, seed=seed, progress=False)]
+    gens = [
+        g[0]
+        for g in generate_batched(
+            model,
+            tok,
+            [p["prompt"] for p in prompts[:n_sampled]],
+            max_new_tokens=20,
+            batch_size=64,
+            seed=seed,
+            progress=False,
+        )
+    ]
     rng = random.Random(seed)
     rows = []
     for i in range(n_rows):
         p, g = prompts[i % len(prompts)], rng.choice(gens)
-        rows.append({"prompt_id": p["id"], "sample_idx": i // len(prompts), "prompt": p["prompt"],
-                     "generation": g["generation"], "condition": None, "iteration": 1, "truncated": g["truncated"],
-                     "num_tokens": g["num_tokens"], "reward": rng.random(), "feedback": rng.choice(TAGS)})
+        rows.append(
+            {
+                "prompt_id": p["id"],
+                "sample_idx": i // len(prompts),
+                "prompt": p["prompt"],
+                "generation": g["generation"],
+                "condition": None,
+                "iteration": 1,
+                "truncated": g["truncated"],
+                "num_tokens": g["num_tokens"],
+                "reward": rng.random(),
+                "feedback": rng.choice(TAGS),
+            }
+        )
     common.write_jsonl(path, rows)
     return rows, tok
 
@@ -73,15 +107,20 @@ def padding_share(rows, tok, batch=32):
     pad = slots = 0
     for key in ("prefix", "ref_prefix"):
         for b in train.plan_epoch(ex, batch, 0, 0):
-            m = train.collate([(ex[i][key], ex[i]["response"]) for i in b], tok.pad_token_id)["attention_mask"]
+            m = train.collate([(ex[i][key], ex[i]["response"]) for i in b], tok.pad_token_id)[
+                "attention_mask"
+            ]
             pad, slots = pad + int((m == 0).sum()), slots + m.numel()
     return pad / slots
 
 
 def step_seconds(out):
     """{step: seconds} from train_log.jsonl, skipping step 1 (lazy initialisation)."""
-    return {r["step"]: r["tokens"] / r["tokens_per_s"] for r in common.read_jsonl(os.path.join(out, "train_log.jsonl"))
-            if r["step"] > 1}
+    return {
+        r["step"]: r["tokens"] / r["tokens_per_s"]
+        for r in common.read_jsonl(os.path.join(out, "train_log.jsonl"))
+        if r["step"] > 1
+    }
 
 
 def matmul_flops(dtype, device, n=2048, windows=5, seconds=0.4):
@@ -97,7 +136,7 @@ def matmul_flops(dtype, device, n=2048, windows=5, seconds=0.4):
             torch.mm(a, b)
             k += 1
         sync()
-        best = max(best, 2 * n ** 3 * k / (time.perf_counter() - t0))
+        best = max(best, 2 * n**3 * k / (time.perf_counter() - t0))
     return best
 
 
@@ -110,13 +149,18 @@ def gpt2_small_flops(device, bf16, batch, prefix, resp, steps):
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, eps=1e-8)
     V = model.config.vocab_size
-    pairs = [(torch.randint(V, (prefix,)).tolist(), torch.randint(V, (resp,)).tolist()) for _ in range(batch)]
+    pairs = [
+        (torch.randint(V, (prefix,)).tolist(), torch.randint(V, (resp,)).tolist())
+        for _ in range(batch)
+    ]
     b = {k: v.to(device) for k, v in train.collate(pairs, 0).items()}
     times = []
     for _ in range(steps + 1):  # the first step warms up allocators and kernels
         t0 = time.perf_counter()
         with torch.autocast(device, torch.bfloat16, enabled=bf16):
-            nll, _, ent = train.alt_loss(train.response_logits(model, b), None, b["targets"], b["resp_mask"])
+            nll, _, ent = train.alt_loss(
+                train.response_logits(model, b), None, b["targets"], b["resp_mask"]
+            )
             loss = (nll - 0.06 * ent) / b["resp_mask"].sum()
         loss.backward()
         opt.step()
@@ -130,12 +174,15 @@ def gpt2_small_flops(device, bf16, batch, prefix, resp, steps):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, noisier figures)")
+    p.add_argument(
+        "--quick", action="store_true", help="fewer steps (a smoke run, noisier figures)"
+    )
     args = p.parse_args()
     t_start = time.time()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    steps, reps, B = (3, 1, 32) if args.quick else (6, 5, 32)  # B: train.py's default, the paper's batch
+    # B: train.py's default, the paper's batch
+    steps, reps, B = (3, 1, 32) if args.quick else (6, 5, 32)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, model_name = toy_model(os.path.join(tmp, "toy"))
         pool = os.path.join(tmp, "pool.jsonl")
@@ -144,27 +191,61 @@ def main():
         t_sample = time.time() - t0
         share = padding_share(rows, tok)
         trunc = sum(r["truncated"] for r in rows) / len(rows)
-        print(f"[1] model: {model_name}; pool: {len(rows)} rows, y from 64 samples drawn in {t_sample:.0f} s, "
-              f"{trunc:.0%} truncated at 20 tokens; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        print(
+            f"[1] model: {model_name}; pool: {len(rows)} rows, y from 64 samples drawn in {t_sample:.0f} s, "
+            f"{trunc:.0%} truncated at 20 tokens; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        )
         secs, pairs = {0.0: [], 0.05: []}, []
         for rep in range(reps):
             run = {}
             for beta in (0.0, 0.05):  # interleaved: both settings see the same machine load
                 out = os.path.join(tmp, f"run_{beta}_{rep}")
-                train.main(["--data", pool, "--model", model_dir, "--ref-model", model_dir, "--out", out,
-                            "--beta", str(beta), "--batch-size", str(B), "--max-samples", str(B * (steps + 1)),
-                            "--warmup-ratio", "0", "--lr", "1e-5", "--save-every", "100000", "--seed", str(rep)])
+                train.main(
+                    [
+                        "--data",
+                        pool,
+                        "--model",
+                        model_dir,
+                        "--ref-model",
+                        model_dir,
+                        "--out",
+                        out,
+                        "--beta",
+                        str(beta),
+                        "--batch-size",
+                        str(B),
+                        "--max-samples",
+                        str(B * (steps + 1)),
+                        "--warmup-ratio",
+                        "0",
+                        "--lr",
+                        "1e-5",
+                        "--save-every",
+                        "100000",
+                        "--seed",
+                        str(rep),
+                    ]
+                )
                 run[beta] = step_seconds(out)
                 secs[beta] += run[beta].values()
-            pairs += [run[0.05][k] / run[0.0][k] for k in run[0.0]]  # same seed: step k is the same batch in both
-        kl_cost = statistics.median(pairs)  # the median of per-batch ratios: one noisy step cannot decide it
-        print(f"[1] step time (median)  beta=0: {statistics.median(secs[0.0]) * 1e3:.0f} ms   beta=0.05: "
-              f"{statistics.median(secs[0.05]) * 1e3:.0f} ms   KL step cost: {kl_cost:.2f}x, median of {len(pairs)} "
-              "same-batch ratios (target <= 1.4x)")
-        print(f"[2] padding share, length-bucketed batches of 32 (policy + p_0 encodings): {share:.1%} (target <= 15%)")
+            # same seed: step k is the same batch in both
+            pairs += [run[0.05][k] / run[0.0][k] for k in run[0.0]]
+        # the median of per-batch ratios: one noisy step cannot decide it
+        kl_cost = statistics.median(pairs)
+        print(
+            f"[1] step time (median)  beta=0: {statistics.median(secs[0.0]) * 1e3:.0f} ms   beta=0.05: "
+            f"{statistics.median(secs[0.05]) * 1e3:.0f} ms   KL step cost: {kl_cost:.2f}x, median of {len(pairs)} "
+            "same-batch ratios (target <= 1.4x)"
+        )
+        print(
+            f"[2] padding share, length-bucketed batches of 32 (policy + p_0 encodings): {share:.1%} (target <= 15%)"
+        )
 
     # [3] the toxicity batch shape (paper: batch 32, ~20-token x and y) on GPT-2-small; CPU also trains in fp32
-    mm = {dt: matmul_flops(getattr(torch, dt), device) for dt in (("bfloat16",) if cuda else ("float32", "bfloat16"))}
+    mm = {
+        dt: matmul_flops(getattr(torch, dt), device)
+        for dt in (("bfloat16",) if cuda else ("float32", "bfloat16"))
+    }
     batch, prefix, resp, n = (32, 64, 64, 10) if cuda else (32, 20, 20, 1 if args.quick else 2)
     print("[3] torch.mm " + ", ".join(f"{k}: {v / 1e9:,.1f} GFLOP/s" for k, v in mm.items()))
     mfu = {}
@@ -172,14 +253,21 @@ def main():
         flops, params, tokens = gpt2_small_flops(device, dt == "bfloat16", batch, prefix, resp, n)
         mfu[dt] = flops / mm[dt]
         how = "bf16 autocast" if dt == "bfloat16" else "fp32"
-        print(f"[3] GPT-2-small shape ({params / 1e6:.0f}M params, {batch} x ({prefix} + {resp}) tokens/step, {how}): "
-              f"{flops / 1e9:,.1f} GFLOP/s = {mfu[dt]:.1%} of {dt} torch.mm (target >= 30% of bf16)")
+        print(
+            f"[3] GPT-2-small shape ({params / 1e6:.0f}M params, {batch} x ({prefix} + {resp}) tokens/step, {how}): "
+            f"{flops / 1e9:,.1f} GFLOP/s = {mfu[dt]:.1%} of {dt} torch.mm (target >= 30% of bf16)"
+        )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     use = resource.getrusage(resource.RUSAGE_SELF)
-    print(f"[4] peak RSS: {rss:,.0f} MiB;  bench time {time.time() - t_start:.0f} s wall, "
-          f"{use.ru_utime + use.ru_stime:.0f} s CPU, on {device}")
-    print(f"RATIOS kl_step_cost={kl_cost:.2f}x (<=1.4) padding_share={share:.3f} (<=0.15) "
-          + " ".join(f"mfu_{dt}={v:.3f}" for dt, v in mfu.items()) + f" (bf16 >=0.30) peak_rss_mib={rss:.0f}")
+    print(
+        f"[4] peak RSS: {rss:,.0f} MiB;  bench time {time.time() - t_start:.0f} s wall, "
+        f"{use.ru_utime + use.ru_stime:.0f} s CPU, on {device}"
+    )
+    print(
+        f"RATIOS kl_step_cost={kl_cost:.2f}x (<=1.4) padding_share={share:.3f} (<=0.15) "
+        + " ".join(f"mfu_{dt}={v:.3f}" for dt, v in mfu.items())
+        + f" (bf16 >=0.30) peak_rss_mib={rss:.0f}"
+    )
 
 
 if __name__ == "__main__":

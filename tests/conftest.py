@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny GPT-2 (2 layers, 32 dims) with its own small BPE, built locally, never from the Hub."""
+
 import os
 import sys
 
@@ -10,9 +11,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
-WORDS = ("the a cat dog sat on mat and you are so stupid idiot nice kind people went to market today "
-         "i think that he she it was very good bad day night sun moon shut up hate love this is what "
-         "news report said police man woman city street car house tree").split()
+WORDS = (
+    "the a cat dog sat on mat and you are so stupid idiot nice kind people went to market today "
+    "i think that he she it was very good bad day night sun moon shut up hate love this is what "
+    "news report said police man woman city street car house tree"
+).split()
 
 
 def tiny_texts(n=400):
@@ -34,8 +37,15 @@ def tiny_model_dir(tmp_path_factory):
     tok = train_tokenizer(tiny_texts(), vocab_size=400)
     tok.save_pretrained(out)
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128, vocab_size=len(tok),
-                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        n_positions=128,
+        vocab_size=len(tok),
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     GPT2LMHeadModel(cfg).save_pretrained(out)
     return str(out)
 
@@ -53,16 +63,28 @@ def tiny_classifier(tiny_model_dir, tmp_path_factory):
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    layouts = {2: ("neutral", "toxic"), 1: ("LABEL_0",), "multi": TOXIC_BERT_LABELS,
-               "hate": ("nothate", "hate")}
+    layouts = {
+        2: ("neutral", "toxic"),
+        1: ("LABEL_0",),
+        "multi": TOXIC_BERT_LABELS,
+        "hate": ("nothate", "hate"),
+    }
     dirs = {}
     for seed, (key, names) in enumerate(layouts.items()):
         torch.manual_seed(seed)
         labels = dict(enumerate(names))
-        cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32, vocab_size=len(tok),
-                         num_labels=len(names), id2label=labels,
-                         label2id={v: k for k, v in labels.items()}, pad_token_id=tok.eos_token_id,
-                         problem_type="multi_label_classification" if key == "multi" else None)
+        cfg = GPT2Config(
+            n_layer=1,
+            n_embd=16,
+            n_head=2,
+            n_positions=32,
+            vocab_size=len(tok),
+            num_labels=len(names),
+            id2label=labels,
+            label2id={v: k for k, v in labels.items()},
+            pad_token_id=tok.eos_token_id,
+            problem_type="multi_label_classification" if key == "multi" else None,
+        )
         d = tmp_path_factory.mktemp(f"cls_{key}")
         GPT2ForSequenceClassification(cfg).save_pretrained(d)
         tok.save_pretrained(d)

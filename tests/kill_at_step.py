@@ -5,6 +5,7 @@
 The kill lands after the step's log row is written and before its checkpoint, as a crash would; production code
 carries no test hook for it. It wraps common.append_jsonl, which the trainers call once per logged step.
 """
+
 import os
 import runpy
 import signal

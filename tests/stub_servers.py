@@ -11,6 +11,7 @@ float) or an action dict:
     {"sleep": 2.0, "reply": ...}                           wait, then reply (past a client's timeout)
 Use as a context manager:  with openai_stub(lambda text, n: "Harmful") as stub: ... stub.url, stub.requests
 """
+
 import collections
 import json
 import socket
@@ -25,12 +26,18 @@ class Stub:
 
     def __init__(self, route, behave, latency=0.0):
         self.route, self.behave, self.latency = route, behave, latency
-        self.requests, self.log, self.seen, self.lock = 0, [], collections.Counter(), threading.Lock()
+        self.requests, self.log, self.seen, self.lock = (
+            0,
+            [],
+            collections.Counter(),
+            threading.Lock(),
+        )
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as real APIs
-            disable_nagle_algorithm, wbufsize = True, -1  # one buffered write per reply: no 40 ms delayed-ACK stall
+            # one buffered write per reply: no 40 ms delayed-ACK stall
+            disable_nagle_algorithm, wbufsize = True, -1
 
             def log_message(self, *a):  # quiet
                 pass
@@ -42,8 +49,11 @@ class Stub:
                 except ValueError:
                     req = {}
                 status, headers, payload, reset = stub.handle(self.path, dict(self.headers), req)
-                if reset:  # SO_LINGER 0 makes close() send a RST: the client sees "connection reset by peer"
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                if reset:
+                    # SO_LINGER 0 makes close() send a RST: the client sees "connection reset by peer"
+                    self.connection.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
                     self.connection.close()
                     self.close_connection = True
                     return
@@ -56,7 +66,8 @@ class Stub:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.server.handle_error = lambda *a: None  # a client that timed out and left is not a stub failure
+        # a client that timed out and left is not a stub failure
+        self.server.handle_error = lambda *a: None
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -70,7 +81,12 @@ class Stub:
         if self.latency:
             time.sleep(self.latency)
         if not self.route.accepts(path, headers):
-            return 404, {"Content-Type": "application/json"}, b'{"error": {"message": "not found"}}', False
+            return (
+                404,
+                {"Content-Type": "application/json"},
+                b'{"error": {"message": "not found"}}',
+                False,
+            )
         action = self.behave(text, n)
         if isinstance(action, dict) and "sleep" in action:
             time.sleep(action["sleep"])
@@ -80,9 +96,21 @@ class Stub:
         if isinstance(action, dict) and "raw" in action:
             return 200, {"Content-Type": "application/json"}, action["raw"], False
         if isinstance(action, dict) and "status" in action:
-            err = json.dumps(action.get("json", {"error": {"message": "stub error", "code": action["status"]}}))
-            return action["status"], {"Content-Type": "application/json", **action.get("headers", {})}, err.encode(), False
-        return 200, {"Content-Type": "application/json"}, json.dumps(self.route.reply(req, action)).encode(), False
+            err = json.dumps(
+                action.get("json", {"error": {"message": "stub error", "code": action["status"]}})
+            )
+            return (
+                action["status"],
+                {"Content-Type": "application/json", **action.get("headers", {})},
+                err.encode(),
+                False,
+            )
+        return (
+            200,
+            {"Content-Type": "application/json"},
+            json.dumps(self.route.reply(req, action)).encode(),
+            False,
+        )
 
     @property
     def url(self):
@@ -104,7 +132,9 @@ class _Chat:
 
     @staticmethod
     def text(req):
-        return "\n".join(m.get("content") or "" for m in req.get("messages") or [] if isinstance(m, dict))
+        return "\n".join(
+            m.get("content") or "" for m in req.get("messages") or [] if isinstance(m, dict)
+        )
 
     @staticmethod
     def accepts(path, headers):
@@ -113,10 +143,24 @@ class _Chat:
     @staticmethod
     def reply(req, content):
         n_in = len(_Chat.text(req).split())
-        return {"id": "chatcmpl-stub", "object": "chat.completion", "created": 0, "model": req.get("model", "stub"),
-                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
-                "usage": {"prompt_tokens": n_in, "completion_tokens": len(str(content).split()),
-                          "total_tokens": n_in + len(str(content).split())}}
+        return {
+            "id": "chatcmpl-stub",
+            "object": "chat.completion",
+            "created": 0,
+            "model": req.get("model", "stub"),
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": content},
+                }
+            ],
+            "usage": {
+                "prompt_tokens": n_in,
+                "completion_tokens": len(str(content).split()),
+                "total_tokens": n_in + len(str(content).split()),
+            },
+        }
 
 
 class _Perspective:
@@ -132,8 +176,12 @@ class _Perspective:
 
     @staticmethod
     def reply(req, value):
-        return {"attributeScores": {"TOXICITY": {"summaryScore": {"value": value, "type": "PROBABILITY"}}},
-                "languages": ["en"]}
+        return {
+            "attributeScores": {
+                "TOXICITY": {"summaryScore": {"value": value, "type": "PROBABILITY"}}
+            },
+            "languages": ["en"],
+        }
 
 
 def openai_stub(behave, latency=0.0):

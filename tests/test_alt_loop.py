@@ -1,4 +1,5 @@
 """alt_loop.py: a real 2-iteration run on the tiny GPT-2, kill-and-resume during train, config mismatch, alt-lmc loop."""
+
 import json
 import os
 import shutil
@@ -18,19 +19,41 @@ LOOP = os.path.join(ROOT, "alt_loop.py")
 
 
 def prompts_file(path, n, tag):
-    common.write_jsonl(str(path), [{"id": f"{tag}-{i}", "prompt": f"the cat sat on the mat and {i}"} for i in range(n)])
+    common.write_jsonl(
+        str(path),
+        [{"id": f"{tag}-{i}", "prompt": f"the cat sat on the mat and {i}"} for i in range(n)],
+    )
     return str(path)
 
 
 def loop_argv(model, tmp, out, *extra):
-    return ["--model", model, "--train-prompts", prompts_file(tmp / "train.jsonl", 6, "tr"),
-            "--eval-prompts", prompts_file(tmp / "val.jsonl", 3, "va"), "--out", str(out),
-            "--num-samples", "2", "--eval-samples", "2", "--batch-size", "4",
-            "--sample-args", "--max-new-tokens 8", "--eval-args", "--max-new-tokens 8", *extra]
+    return [
+        "--model",
+        model,
+        "--train-prompts",
+        prompts_file(tmp / "train.jsonl", 6, "tr"),
+        "--eval-prompts",
+        prompts_file(tmp / "val.jsonl", 3, "va"),
+        "--out",
+        str(out),
+        "--num-samples",
+        "2",
+        "--eval-samples",
+        "2",
+        "--batch-size",
+        "4",
+        "--sample-args",
+        "--max-new-tokens 8",
+        "--eval-args",
+        "--max-new-tokens 8",
+        *extra,
+    ]
 
 
 def run_loop(argv, **kw):
-    return subprocess.run([sys.executable, LOOP, *argv], capture_output=True, text=True, timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, LOOP, *argv], capture_output=True, text=True, timeout=600, **kw
+    )
 
 
 def counts(out):
@@ -42,7 +65,9 @@ def counts(out):
         summary = json.load(open(os.path.join(out, f"iter_{k}", "model", "train_summary.json")))
         c[f"iter_{k}/steps"] = summary.get("steps", summary.get("global_step"))
     for k in (0, 1, 2):
-        c[f"iter_{k}/eval"] = json.load(open(os.path.join(out, f"iter_{k}", "eval", "eval.json")))["n_generations"]
+        c[f"iter_{k}/eval"] = json.load(open(os.path.join(out, f"iter_{k}", "eval", "eval.json")))[
+            "n_generations"
+        ]
     return c
 
 
@@ -60,58 +85,94 @@ def finished_run(tiny_model_dir, tmp_path_factory):
 def test_two_iterations_write_every_file(finished_run):
     tmp, out, argv, stdout = finished_run
     for k in (1, 2):
-        for name in ("samples.jsonl", "pool.jsonl", "pool.meta.json", "model/model.safetensors",
-                     "model/train_summary.json", "eval/eval.json", "eval/generations.jsonl"):
+        for name in (
+            "samples.jsonl",
+            "pool.jsonl",
+            "pool.meta.json",
+            "model/model.safetensors",
+            "model/train_summary.json",
+            "eval/eval.json",
+            "eval/generations.jsonl",
+        ):
             assert os.path.exists(out / f"iter_{k}" / name), name
-    assert os.path.exists(out / "iter_0" / "eval" / "eval.json") and os.path.getsize(out / "curves.png") > 1000
+    assert (
+        os.path.exists(out / "iter_0" / "eval" / "eval.json")
+        and os.path.getsize(out / "curves.png") > 1000
+    )
     assert json.load(open(out / "config.json"))["iterations"] == 2
     # the log teaches the manual workflow: each stage's command, in Algorithm 1's order
-    cmds = [line.split("$ ", 1)[1] for line in stdout.splitlines() if line.startswith("[alt_loop] $ ")]
-    assert [c.split()[1].rsplit("/", 1)[-1] for c in cmds] == ["evaluate.py"] + ["sample.py", "feedback.py",
-                                                                                "train.py", "evaluate.py"] * 2
-    assert "--condition 'Lowest Toxicity'" in cmds[5] and "--condition" not in cmds[1]  # k=1 samples p_0 bare
+    cmds = [
+        line.split("$ ", 1)[1] for line in stdout.splitlines() if line.startswith("[alt_loop] $ ")
+    ]
+    assert [c.split()[1].rsplit("/", 1)[-1] for c in cmds] == ["evaluate.py"] + [
+        "sample.py",
+        "feedback.py",
+        "train.py",
+        "evaluate.py",
+    ] * 2
+    # k=1 samples p_0 bare
+    assert "--condition 'Lowest Toxicity'" in cmds[5] and "--condition" not in cmds[1]
     assert f"--pool {out}/iter_1/pool.jsonl" in cmds[6]  # D_2 = D_1 ∪ new rows
-    assert f"--model {out}/iter_1/model" in cmds[7] and f"--ref-model {argv[1]}" in cmds[7]  # θ_1 -> θ_2, KL to p_0
+    # θ_1 -> θ_2, KL to p_0
+    assert f"--model {out}/iter_1/model" in cmds[7] and f"--ref-model {argv[1]}" in cmds[7]
     c = counts(str(out))
-    assert c["iter_1/samples.jsonl"] == c["iter_1/pool.jsonl"] == 12 and c["iter_2/pool.jsonl"] == 24
+    assert (
+        c["iter_1/samples.jsonl"] == c["iter_1/pool.jsonl"] == 12 and c["iter_2/pool.jsonl"] == 24
+    )
     table = (out / "results.md").read_text()
     assert table.count("| toy-alt-rm |") == 3
     # a rerun finds everything done and runs nothing
     again = run_loop(argv)
-    assert again.returncode == 0 and "[alt_loop] $ " not in again.stdout and again.stdout.count("skip (done)") == 9
+    assert (
+        again.returncode == 0
+        and "[alt_loop] $ " not in again.stdout
+        and again.stdout.count("skip (done)") == 9
+    )
 
 
 @pytest.mark.slow
 def test_kill_during_train_of_iteration_2_then_resume(finished_run):
     tmp, out, argv, _ = finished_run
     crashed = tmp / "runs" / "crashed"
-    shutil.copytree(out, crashed)  # iterations 0-1 and iter_2's sampling/feedback are done; redo iter_2's training
+    # iterations 0-1 and iter_2's sampling/feedback are done; redo iter_2's training
+    shutil.copytree(out, crashed)
     shutil.rmtree(crashed / "iter_2" / "model")
     shutil.rmtree(crashed / "iter_2" / "eval")
     os.remove(crashed / "config.json")
     argv = [a if a != str(out) else str(crashed) for a in argv] + ["--train-args", "--save-every 1"]
-    proc = subprocess.Popen([sys.executable, LOOP, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, LOOP, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     for line in proc.stdout:  # wait for iteration 2's train.py to start ...
         if line.startswith("[alt_loop] $ ") and "train.py" in line:
             break
     state = crashed / "iter_2" / "model" / "checkpoint" / "state.pt"
     deadline = time.time() + 300
-    while time.time() < deadline and not state.exists():  # ... and to write its first resume checkpoint
+    while time.time() < deadline and not state.exists():
+        # ... and to write its first resume checkpoint
         time.sleep(0.1)
     assert state.exists()
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not os.path.exists(crashed / "iter_2" / "model" / "train_summary.json")  # it really died mid-stage
+    # it really died mid-stage
+    assert not os.path.exists(crashed / "iter_2" / "model" / "train_summary.json")
     resumed = run_loop(argv)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert resumed.stdout.count("skip (done)") == 7  # eval_0 + 3 stages of iter 1 + sample/feedback of iter 2
+    # eval_0 + 3 stages of iter 1 + sample/feedback of iter 2
+    assert resumed.stdout.count("skip (done)") == 7
     assert counts(str(crashed)) == counts(str(out))
 
 
 def test_config_mismatch_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
-    common.write_json(str(out / "config.json"), {**vars(alt_loop.parse_args(["--out", str(out)])), "iterations": 4})
+    common.write_json(
+        str(out / "config.json"),
+        {**vars(alt_loop.parse_args(["--out", str(out)])), "iterations": 4},
+    )
     with pytest.raises(SystemExit) as e:
         common.cli(lambda: alt_loop.main(["--out", str(out), "--num-samples", "8"]))
     assert e.value.code == 2
@@ -124,18 +185,38 @@ def test_llm_methods_need_a_server_and_compare_needs_runs(tmp_path, capsys):
         alt_loop.parse_args(["--method", "alt-lmc"])
     assert e.value.code == 2 and "give --base-url" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        common.cli(lambda: alt_loop.main(["--compare", str(tmp_path), "--out", str(tmp_path / "c")]))
+        common.cli(
+            lambda: alt_loop.main(["--compare", str(tmp_path), "--out", str(tmp_path / "c")])
+        )
     assert e.value.code == 2 and "not a run folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_alt_lmc_loop_against_the_stub_judge(tiny_model_dir, tmp_path):
-    cats = ["Harmless and very helpful", "Harmless and helpful", "Harmless and not helpful", "Harmful"]
+    cats = [
+        "Harmless and very helpful",
+        "Harmless and helpful",
+        "Harmless and not helpful",
+        "Harmful",
+    ]
     with openai_stub(lambda text, n: cats[len(text) % 4]) as stub:
         out = tmp_path / "runs" / "toy-alt-lmc"
-        proc = run_loop(loop_argv(tiny_model_dir, tmp_path, out, "--method", "alt-lmc", "--iterations", "1",
-                                  "--base-url", stub.url, "--llm-model", "stub-judge"),
-                        env={**os.environ, "OPENAI_API_KEY": "sk-test-not-a-secret"})
+        proc = run_loop(
+            loop_argv(
+                tiny_model_dir,
+                tmp_path,
+                out,
+                "--method",
+                "alt-lmc",
+                "--iterations",
+                "1",
+                "--base-url",
+                stub.url,
+                "--llm-model",
+                "stub-judge",
+            ),
+            env={**os.environ, "OPENAI_API_KEY": "sk-test-not-a-secret"},
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert stub.requests >= 12  # every (x, y) of iteration 1 was judged
     pool = common.read_jsonl(str(out / "iter_1" / "pool.jsonl"))

@@ -1,4 +1,5 @@
 """common.py: JSONL errors name file:line:key, writes are atomic, the condition template round-trips."""
+
 import json
 import os
 
@@ -69,9 +70,14 @@ def test_write_jsonl_is_atomic(tmp_path):
 
 def test_load_prompts_accepts_both_shapes_and_ids(tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_text('{"prompt": "plain"}\n{"prompt": {"text": "rtp", "toxicity": 0.1}}\n{"prompt": "z", "id": "q9"}\n')
+    path.write_text(
+        '{"prompt": "plain"}\n{"prompt": {"text": "rtp", "toxicity": 0.1}}\n{"prompt": "z", "id": "q9"}\n'
+    )
     assert common.load_prompts(str(path)) == [
-        {"id": 0, "prompt": "plain"}, {"id": 1, "prompt": "rtp"}, {"id": "q9", "prompt": "z"}]
+        {"id": 0, "prompt": "plain"},
+        {"id": 1, "prompt": "rtp"},
+        {"id": "q9", "prompt": "z"},
+    ]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": 3}\n')
     with pytest.raises(AltError, match="bad.jsonl: row 1"):
@@ -98,10 +104,12 @@ def test_condition_round_trip_and_separator_is_one_token(tiny_model_dir):
     assert ids.count(sep_id) == 1
     # the tokens before the separator are exactly the feedback's, the ones after exactly the prompt's
     cut = ids.index(sep_id)
-    assert tok.decode(ids[:cut]) == f and tok.decode(ids[cut + 1:]) == x
-    assert ids[cut + 1:] == tok(x)["input_ids"]
+    assert tok.decode(ids[:cut]) == f and tok.decode(ids[cut + 1 :]) == x
+    assert ids[cut + 1 :] == tok(x)["input_ids"]
     # Quark's quantile tokens go through the same template and are single tokens too
-    model, tok = common.load_policy(tiny_model_dir, device="cpu", extra_tokens=[common.quantile_token(k) for k in range(5)])
+    model, tok = common.load_policy(
+        tiny_model_dir, device="cpu", extra_tokens=[common.quantile_token(k) for k in range(5)]
+    )
     q = common.quantile_token(0)
     assert tok(common.condition(x, q))["input_ids"][:2] == [tok.convert_tokens_to_ids(q), sep_id]
     assert len(common.control_token_ids(tok)) == 6
@@ -118,7 +126,9 @@ def test_load_policy_adds_separator_with_eos_embedding(tiny_model_dir):
 
 
 def test_load_policy_unknown_model_offline_is_a_clear_error(tmp_path):
-    with pytest.raises(AltError, match="cannot load model 'no-such-org/no-such-model'.*HF_HUB_OFFLINE"):
+    with pytest.raises(
+        AltError, match="cannot load model 'no-such-org/no-such-model'.*HF_HUB_OFFLINE"
+    ):
         common.load_policy("no-such-org/no-such-model")
     with pytest.raises(AltError, match="cannot load model"):
         common.load_policy(str(tmp_path / "missing"))
@@ -158,10 +168,16 @@ def test_read_json_errors_name_the_file_and_line(tmp_path):
     good = tmp_path / "good.json"
     good.write_text('{"a": [1, 2]}')
     assert common.read_json(str(good)) == {"a": [1, 2]}
-    cases = [("missing.json", None, r"missing\.json: cannot read \(No such file"),
-             ("bad.json", b'{\n  "a": 1,\n  "b": \n}', r"bad\.json:4: malformed JSON \(Expecting value\)"),
-             ("latin1.json", b'{"a": "caf\xe9"}', r"latin1\.json: not valid UTF-8 \(byte 0xe9\)"),
-             ("list.json", b"[1, 2]", r"list\.json: expected a JSON object, got list")]
+    cases = [
+        ("missing.json", None, r"missing\.json: cannot read \(No such file"),
+        (
+            "bad.json",
+            b'{\n  "a": 1,\n  "b": \n}',
+            r"bad\.json:4: malformed JSON \(Expecting value\)",
+        ),
+        ("latin1.json", b'{"a": "caf\xe9"}', r"latin1\.json: not valid UTF-8 \(byte 0xe9\)"),
+        ("list.json", b"[1, 2]", r"list\.json: expected a JSON object, got list"),
+    ]
     for name, content, msg in cases:
         if content is not None:
             (tmp_path / name).write_bytes(content)

@@ -1,5 +1,6 @@
 """evaluate.py: the metrics against hand-computed tables, fluency perplexity against a brute-force per-token loop,
 --generations mode, bad input, and a subprocess smoke run on the tiny model."""
+
 import json
 import math
 import os
@@ -44,7 +45,8 @@ def test_distinctness_hand_table():
     ]
     d1, d2, d3 = evaluate.distinctness(groups)
     assert d1 == pytest.approx((3 / 6 + 2 / 2 + 3 / 3) / 3)
-    assert d2 == pytest.approx((3 / 6 + 0 / 2 + 2 / 3) / 3)  # the SAME denominator (total words) for every n
+    # the SAME denominator (total words) for every n
+    assert d2 == pytest.approx((3 / 6 + 0 / 2 + 2 / 3) / 3)
     assert d3 == pytest.approx((2 / 6 + 0 / 2 + 1 / 3) / 3)
     # n-grams are tuples of words: 'a_b c' and 'a b_c' are two different bigrams
     assert evaluate.distinctness([["a_b c", "a b_c"]])[1] == pytest.approx(2 / 4)
@@ -53,15 +55,39 @@ def test_distinctness_hand_table():
 def test_fluency_ppl_drops_and_counts():
     ppls = [10.0, None, float("nan"), 1e4, 20.0, 9999.0, 5e7]
     mean, counts = evaluate.fluency_ppl(ppls)
-    assert mean == pytest.approx((10.0 + 20.0 + 9999.0) / 3)  # a mean of ppls, not exp of a corpus mean NLL
+    # a mean of ppls, not exp of a corpus mean NLL
+    assert mean == pytest.approx((10.0 + 20.0 + 9999.0) / 3)
     assert counts == {"n_ppl_nan": 2, "n_ppl_over_1e4": 2, "n_ppl_kept": 3}
     assert evaluate.fluency_ppl([None])[0] is None
 
 
 def test_compute_metrics_groups_rows_by_prompt():
-    rows = [{"prompt_id": "p", "generation": "a b", "toxicity": 0.6, "truncated": True, "num_tokens": 4, "ppl": 3.0},
-            {"prompt_id": 7, "generation": "c", "toxicity": None, "truncated": False, "num_tokens": 2, "ppl": None},
-            {"prompt_id": "p", "generation": "a c", "toxicity": 0.1, "truncated": False, "num_tokens": 3, "ppl": 5.0}]
+    rows = [
+        {
+            "prompt_id": "p",
+            "generation": "a b",
+            "toxicity": 0.6,
+            "truncated": True,
+            "num_tokens": 4,
+            "ppl": 3.0,
+        },
+        {
+            "prompt_id": 7,
+            "generation": "c",
+            "toxicity": None,
+            "truncated": False,
+            "num_tokens": 2,
+            "ppl": None,
+        },
+        {
+            "prompt_id": "p",
+            "generation": "a c",
+            "toxicity": 0.1,
+            "truncated": False,
+            "num_tokens": 3,
+            "ppl": 5.0,
+        },
+    ]
     m = evaluate.compute_metrics(rows)
     assert (m["n_prompts"], m["n_generations"]) == (2, 3)
     assert m["avg_max_toxicity"] == pytest.approx(0.6) and m["toxicity_prob"] == 1.0
@@ -69,7 +95,12 @@ def test_compute_metrics_groups_rows_by_prompt():
     assert m["fluency_ppl"] == pytest.approx(4.0) and m["counts"]["n_ppl_nan"] == 1
     assert m["truncated_share"] == pytest.approx(1 / 3) and m["mean_length"] == pytest.approx(3.0)
     assert evaluate.compute_metrics([{**r, "ppl": 1.0} for r in rows])["fluency_ppl"] == 1.0
-    assert evaluate.compute_metrics([{k: v for k, v in r.items() if k != "ppl"} for r in rows])["fluency_ppl"] is None
+    assert (
+        evaluate.compute_metrics([{k: v for k, v in r.items() if k != "ppl"} for r in rows])[
+            "fluency_ppl"
+        ]
+        is None
+    )
 
 
 # ----------------------------------------------------------------------------- perplexity vs brute force
@@ -77,7 +108,9 @@ def test_compute_metrics_groups_rows_by_prompt():
 def tiny(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+    return AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir
+    ).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 def brute_force_ppl(model, tok, x, y):
@@ -106,7 +139,7 @@ def merging_pair(tok):
         for k in range(1, len(w)):
             x, y = "you are so " + w[:k], w[k:] + " today"
             px, ids = tok(x)["input_ids"], tok(x + y)["input_ids"]
-            if ids[:len(px)] != px:
+            if ids[: len(px)] != px:
                 return x, y
     raise AssertionError("no merging pair in the fixture tokenizer")
 
@@ -114,9 +147,15 @@ def merging_pair(tok):
 def test_perplexity_matches_brute_force(tiny):
     model, tok = tiny
     mx, my = merging_pair(tok)
-    pairs = [(mx, my), ("the cat ", "sat on the mat"),  # a trailing space merges into y's first word
-             ("the dog", " sat on the mat and went to market today"), ("", "the cat sat"),  # empty x: BOS context
-             ("i think that", " he was\nvery  good."), ("the dog", " is nice"), ("the dog", " is bad")]
+    pairs = [
+        (mx, my),
+        ("the cat ", "sat on the mat"),  # a trailing space merges into y's first word
+        ("the dog", " sat on the mat and went to market today"),
+        ("", "the cat sat"),  # empty x: BOS context
+        ("i think that", " he was\nvery  good."),
+        ("the dog", " is nice"),
+        ("the dog", " is bad"),
+    ]
     xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
     want = [brute_force_ppl(model, tok, x, y) for x, y in pairs]
     for bs in (1, 3, 16):  # padding in mixed-length batches must not change any value
@@ -133,7 +172,9 @@ def test_perplexity_empty_generation_and_overlong_input(tiny):
     model, tok = tiny
     long_x = " ".join(WORDS * 4)  # far beyond the tiny model's 128 positions
     assert len(tok(long_x)["input_ids"]) > model.config.n_positions
-    got = evaluate.generation_perplexities(model, tok, ["the dog", long_x], ["", " sat on the mat"], progress=False)
+    got = evaluate.generation_perplexities(
+        model, tok, ["the dog", long_x], ["", " sat on the mat"], progress=False
+    )
     assert math.isnan(got[0])  # y adds no token: NaN, which fluency_ppl drops and counts
     assert math.isfinite(got[1])
 
@@ -144,12 +185,32 @@ def write_rows(path, rows):
     return str(path)
 
 
-GIVEN = [{"prompt_id": 0, "prompt": "the cat", "generation": " sat on", "toxicity": 0.2, "truncated": True,
-          "num_tokens": 2},
-         {"prompt_id": 0, "prompt": "the cat", "generation": " is so stupid", "toxicity": 0.8, "truncated": False,
-          "num_tokens": 3},
-         {"prompt_id": 1, "prompt": {"text": "news report"}, "generation": "", "toxicity": 0.5, "num_tokens": 0},
-         {"prompt_id": 2, "prompt": "the dog", "generation": " went", "toxicity": None}]
+GIVEN = [
+    {
+        "prompt_id": 0,
+        "prompt": "the cat",
+        "generation": " sat on",
+        "toxicity": 0.2,
+        "truncated": True,
+        "num_tokens": 2,
+    },
+    {
+        "prompt_id": 0,
+        "prompt": "the cat",
+        "generation": " is so stupid",
+        "toxicity": 0.8,
+        "truncated": False,
+        "num_tokens": 3,
+    },
+    {
+        "prompt_id": 1,
+        "prompt": {"text": "news report"},
+        "generation": "",
+        "toxicity": 0.5,
+        "num_tokens": 0,
+    },
+    {"prompt_id": 2, "prompt": "the dog", "generation": " went", "toxicity": None},
+]
 
 
 def test_generations_mode_uses_given_toxicity(tmp_path, capsys):
@@ -157,14 +218,20 @@ def test_generations_mode_uses_given_toxicity(tmp_path, capsys):
     out = tmp_path / "ev"
     evaluate.main(["--generations", gens, "--out", str(out), "--fluency-model", "none"])
     res = json.loads((out / "eval.json").read_text())
-    assert res["avg_max_toxicity"] == pytest.approx((0.8 + 0.5) / 2) and res["toxicity_prob"] == pytest.approx(0.5)
+    assert res["avg_max_toxicity"] == pytest.approx((0.8 + 0.5) / 2) and res[
+        "toxicity_prob"
+    ] == pytest.approx(0.5)
     assert res["counts"]["n_prompts_unscored"] == 1 and res["scorer"] == "given"
     assert res["fluency_ppl"] is None and (res["n_prompts"], res["n_generations"]) == (3, 4)
-    assert res["truncated_share"] == pytest.approx(0.5) and res["mean_length"] == pytest.approx(5 / 3)
+    assert res["truncated_share"] == pytest.approx(0.5) and res["mean_length"] == pytest.approx(
+        5 / 3
+    )
     assert set(evaluate.METRICS) | {"scorer", "config", "counts"} == set(res)
     assert res["config"]["generations"] == gens and res["config"]["mode"] == "generations"
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    assert [r["toxicity"] for r in rows] == [0.2, 0.8, 0.5, None] and rows[2]["prompt"] == "news report"
+    assert [r["toxicity"] for r in rows] == [0.2, 0.8, 0.5, None] and rows[2][
+        "prompt"
+    ] == "news report"
     table = capsys.readouterr().out
     assert "avg_max_toxicity" in table and "0.6500" in table
     # a rerun finds the output and does nothing; --baseline adds a delta column
@@ -175,12 +242,27 @@ def test_generations_mode_uses_given_toxicity(tmp_path, capsys):
 
 
 def test_generations_mode_fluency_and_release_shape(tmp_path, tiny_model_dir, tiny):
-    release = [{"prompt": {"text": "the cat"}, "generations": [{"text": " sat on", "toxicity": 0.3},
-                                                               {"text": " is so stupid", "toxicity": 0.9}]},
-               {"prompt": {"text": "the dog"}, "generations": [{"text": " went", "toxicity": 0.1}]}]
+    release = [
+        {
+            "prompt": {"text": "the cat"},
+            "generations": [
+                {"text": " sat on", "toxicity": 0.3},
+                {"text": " is so stupid", "toxicity": 0.9},
+            ],
+        },
+        {"prompt": {"text": "the dog"}, "generations": [{"text": " went", "toxicity": 0.1}]},
+    ]
     out = tmp_path / "ev"
-    evaluate.main(["--generations", write_rows(tmp_path / "r.jsonl", release), "--out", str(out),
-                   "--fluency-model", tiny_model_dir])
+    evaluate.main(
+        [
+            "--generations",
+            write_rows(tmp_path / "r.jsonl", release),
+            "--out",
+            str(out),
+            "--fluency-model",
+            tiny_model_dir,
+        ]
+    )
     res = json.loads((out / "eval.json").read_text())
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert [(r["prompt_id"], r["sample_idx"]) for r in rows] == [(0, 0), (0, 1), (1, 0)]
@@ -188,34 +270,80 @@ def test_generations_mode_fluency_and_release_shape(tmp_path, tiny_model_dir, ti
     want = [brute_force_ppl(model, tok, r["prompt"], r["generation"]) for r in rows]
     assert [r["ppl"] for r in rows] == pytest.approx(want, rel=1e-5)
     assert res["fluency_ppl"] == pytest.approx(sum(want) / 3, rel=1e-5)
-    assert res["avg_max_toxicity"] == pytest.approx(0.5) and res["toxicity_prob"] == pytest.approx(0.5)
+    assert res["avg_max_toxicity"] == pytest.approx(0.5) and res["toxicity_prob"] == pytest.approx(
+        0.5
+    )
 
 
 def test_bad_inputs(tmp_path):
     bad = write_rows(tmp_path / "b.jsonl", [GIVEN[0], {"prompt_id": 1, "prompt": "x"}])
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--generations", bad,
-                           "--out", str(tmp_path / "o"), "--fluency-model", "none"],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "evaluate.py"),
+            "--generations",
+            bad,
+            "--out",
+            str(tmp_path / "o"),
+            "--fluency-model",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"evaluate.py: error: {bad}: row 2: missing key 'generation'"
     assert not (tmp_path / "o" / "eval.json").exists()
-    cases = [({"toxicity": "high"}, r"row 1: 'toxicity' must be a number in \[0, 1\]"),
-             ({"toxicity": 1.5}, "row 1: 'toxicity'"), ({"generation": None}, "row 1: 'prompt' and 'generation'")]
+    cases = [
+        ({"toxicity": "high"}, r"row 1: 'toxicity' must be a number in \[0, 1\]"),
+        ({"toxicity": 1.5}, "row 1: 'toxicity'"),
+        ({"generation": None}, "row 1: 'prompt' and 'generation'"),
+    ]
     for change, msg in cases:
         path = write_rows(tmp_path / "c.jsonl", [{**GIVEN[0], **change}])
         with pytest.raises(AltError, match=msg):
-            evaluate.main(["--generations", path, "--out", str(tmp_path / "o"), "--fluency-model", "none"])
+            evaluate.main(
+                ["--generations", path, "--out", str(tmp_path / "o"), "--fluency-model", "none"]
+            )
     good = write_rows(tmp_path / "g.jsonl", GIVEN)
-    unscored = write_rows(tmp_path / "u.jsonl", [{k: v for k, v in GIVEN[0].items() if k != "toxicity"}])
-    with pytest.raises(AltError, match="unknown --scorer 'nope'"):  # before any work, not after sampling
-        evaluate.main(["--generations", unscored, "--out", str(tmp_path / "o"), "--scorer", "nope",
-                       "--fluency-model", "none"])
+    unscored = write_rows(
+        tmp_path / "u.jsonl", [{k: v for k, v in GIVEN[0].items() if k != "toxicity"}]
+    )
+    with pytest.raises(AltError, match="unknown --scorer 'nope'"):
+        # before any work, not after sampling
+        evaluate.main(
+            [
+                "--generations",
+                unscored,
+                "--out",
+                str(tmp_path / "o"),
+                "--scorer",
+                "nope",
+                "--fluency-model",
+                "none",
+            ]
+        )
     with pytest.raises(AltError, match="nope.json: cannot read"):
-        evaluate.main(["--generations", good, "--out", str(tmp_path / "o"), "--fluency-model", "none",
-                       "--baseline", str(tmp_path / "nope.json")])
-    for argv in (["--out", "o"], ["--model", "m", "--generations", good, "--out", "o"],
-                 ["--model", "m", "--out", "o", "--top-p", "1.5"], ["--model", "m", "--out", "o", "--num-samples", "0"],
-                 ["--model", "m", "--out", "o", "--condition", "a", "--condition-pool", "p.json"]):
+        evaluate.main(
+            [
+                "--generations",
+                good,
+                "--out",
+                str(tmp_path / "o"),
+                "--fluency-model",
+                "none",
+                "--baseline",
+                str(tmp_path / "nope.json"),
+            ]
+        )
+    for argv in (
+        ["--out", "o"],
+        ["--model", "m", "--generations", good, "--out", "o"],
+        ["--model", "m", "--out", "o", "--top-p", "1.5"],
+        ["--model", "m", "--out", "o", "--num-samples", "0"],
+        ["--model", "m", "--out", "o", "--condition", "a", "--condition-pool", "p.json"],
+    ):
         with pytest.raises(SystemExit) as e:
             evaluate.parse_args(argv)
         assert e.value.code == 2
@@ -225,16 +353,32 @@ def test_condition_and_fluency_defaults(tmp_path, monkeypatch):
     import argparse
 
     def ns(**k):
-        return argparse.Namespace(**{"condition": None, "condition_pool": None, "model": str(tmp_path),
-                                     "fluency_model": None, **k})
+        return argparse.Namespace(
+            **{
+                "condition": None,
+                "condition_pool": None,
+                "model": str(tmp_path),
+                "fluency_model": None,
+                **k,
+            }
+        )
+
     best = {"exemplar": "Lowest Toxicity", "ref_model": "runs/p0"}
     assert evaluate.resolve_condition(ns(), best) == ("Lowest Toxicity", None)
     assert evaluate.resolve_condition(ns(condition="none"), best) == (None, None)
-    assert evaluate.resolve_condition(ns(condition="Maximum Toxicity"), best) == ("Maximum Toxicity", None)
+    assert evaluate.resolve_condition(ns(condition="Maximum Toxicity"), best) == (
+        "Maximum Toxicity",
+        None,
+    )
     assert evaluate.resolve_condition(ns(), {}) == (None, None)  # a base model: unconditioned
     (tmp_path / "iter_2").mkdir()
-    (tmp_path / "iter_2" / "exemplars.json").write_text(json.dumps(["Harmless and helpful.", "Kind."]))
-    lmu = {"exemplar": "moved/elsewhere/exemplars.json", "data": str(tmp_path / "iter_2" / "pool.jsonl")}
+    (tmp_path / "iter_2" / "exemplars.json").write_text(
+        json.dumps(["Harmless and helpful.", "Kind."])
+    )
+    lmu = {
+        "exemplar": "moved/elsewhere/exemplars.json",
+        "data": str(tmp_path / "iter_2" / "pool.jsonl"),
+    }
     assert evaluate.resolve_condition(ns(), lmu) == (None, ["Harmless and helpful.", "Kind."])
     assert evaluate.resolve_fluency(ns(), best) == "runs/p0"
     assert evaluate.resolve_fluency(ns(), {"args": {"ref_model": "runs/p0b"}}) == "runs/p0b"
@@ -246,10 +390,25 @@ def test_condition_and_fluency_defaults(tmp_path, monkeypatch):
 
 
 def test_table_columns():
-    res = {**{k: 0.25 for k in evaluate.METRICS}, "n_prompts": 3, "fluency_ppl": None, "scorer": "profanity-check",
-           "extra": {**{k: 0.5 for k in evaluate.METRICS}, "scorer": "hf:tox"}}
-    lines = evaluate.format_table(res, baseline={"avg_max_toxicity": 0.75, "n_prompts": 3}).splitlines()
-    assert lines[0].split() == ["metric", "value", "[profanity-check]", "extra", "[hf:tox]", "baseline", "delta"]
+    res = {
+        **{k: 0.25 for k in evaluate.METRICS},
+        "n_prompts": 3,
+        "fluency_ppl": None,
+        "scorer": "profanity-check",
+        "extra": {**{k: 0.5 for k in evaluate.METRICS}, "scorer": "hf:tox"},
+    }
+    lines = evaluate.format_table(
+        res, baseline={"avg_max_toxicity": 0.75, "n_prompts": 3}
+    ).splitlines()
+    assert lines[0].split() == [
+        "metric",
+        "value",
+        "[profanity-check]",
+        "extra",
+        "[hf:tox]",
+        "baseline",
+        "delta",
+    ]
     assert len({len(line) for line in lines}) == 1  # fixed width
     assert lines[2].split() == ["avg_max_toxicity", "0.2500", "0.5000", "0.7500", "-0.5000"]
     assert lines[4].split()[0] == "toxic_share" and lines[5].split()[:2] == ["fluency_ppl", "-"]
@@ -267,27 +426,62 @@ def test_smoke_sampling_run_and_resume(tmp_path, tiny_model_dir, monkeypatch):
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
-    (model / "train_summary.json").write_text(json.dumps({"method": "alt-rm", "exemplar": "Lowest Toxicity",
-                                                          "tags": ["Lowest Toxicity", "Maximum Toxicity"]}))
+    (model / "train_summary.json").write_text(
+        json.dumps(
+            {
+                "method": "alt-rm",
+                "exemplar": "Lowest Toxicity",
+                "tags": ["Lowest Toxicity", "Maximum Toxicity"],
+            }
+        )
+    )
     texts = ("the cat", "you are so", "police said", "", "i think that", "news report said")
-    prompts = write_rows(tmp_path / "p.jsonl", [{"prompt": {"text": t}} for t in texts])  # RTP shape
-    args = ["--model", str(model), "--prompts", prompts, "--num-samples", "3", "--max-new-tokens", "8",
-            "--fluency-model", tiny_model_dir, "--extra-scorer", "profanity-check", "--batch-size", "2"]
+    # RTP shape
+    prompts = write_rows(tmp_path / "p.jsonl", [{"prompt": {"text": t}} for t in texts])
+    args = [
+        "--model",
+        str(model),
+        "--prompts",
+        prompts,
+        "--num-samples",
+        "3",
+        "--max-new-tokens",
+        "8",
+        "--fluency-model",
+        tiny_model_dir,
+        "--extra-scorer",
+        "profanity-check",
+        "--batch-size",
+        "2",
+    ]
     out = tmp_path / "ev"
     cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), *args, "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr
     res = json.loads((out / "eval.json").read_text())
-    assert (res["n_prompts"], res["n_generations"]) == (5, 15) and res["counts"]["n_prompts_empty_skipped"] == 1
-    assert res["config"]["condition_resolved"] == "Lowest Toxicity" and res["scorer"] == "profanity-check"
+    assert (res["n_prompts"], res["n_generations"]) == (5, 15) and res["counts"][
+        "n_prompts_empty_skipped"
+    ] == 1
+    assert (
+        res["config"]["condition_resolved"] == "Lowest Toxicity"
+        and res["scorer"] == "profanity-check"
+    )
     assert 0 <= res["avg_max_toxicity"] <= 1 and res["fluency_ppl"] > 1 and 0 < res["dist_1"] <= 1
-    assert res["extra"]["avg_max_toxicity"] == pytest.approx(res["avg_max_toxicity"])  # same scorer, same y
+    # same scorer, same y
+    assert res["extra"]["avg_max_toxicity"] == pytest.approx(res["avg_max_toxicity"])
     rows = (out / "generations.jsonl").read_text()
-    assert len(rows.splitlines()) == 15 and {json.loads(r)["condition"] for r in rows.splitlines()} == {
-        "Lowest Toxicity"}
+    assert len(rows.splitlines()) == 15 and {
+        json.loads(r)["condition"] for r in rows.splitlines()
+    } == {"Lowest Toxicity"}
     assert SEPARATOR not in rows and not (out / "eval.partial.jsonl").exists()
-    for key in ("avg_max_toxicity", "fluency_ppl", "dist_3", "n_generations", "extra [profanity-check]"):
+    for key in (
+        "avg_max_toxicity",
+        "fluency_ppl",
+        "dist_3",
+        "n_generations",
+        "extra [profanity-check]",
+    ):
         assert key in proc.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert again.returncode == 0 and "done" in again.stdout
@@ -296,6 +490,7 @@ def test_smoke_sampling_run_and_resume(tmp_path, tiny_model_dir, monkeypatch):
 
     def dead_scorer(texts):
         raise RuntimeError("killed while scoring")
+
     monkeypatch.setattr(evaluate, "make_scorer", lambda *a, **k: dead_scorer)
     with pytest.raises(RuntimeError):
         evaluate.main([*args, "--out", str(crashed)])
@@ -304,6 +499,7 @@ def test_smoke_sampling_run_and_resume(tmp_path, tiny_model_dir, monkeypatch):
 
     def no_sampling(*a, **k):
         raise AssertionError("resumed run sampled again")
+
     monkeypatch.setattr(sample, "sample_batch", no_sampling)
     evaluate.main([*args, "--out", str(crashed)])
     assert (crashed / "generations.jsonl").read_text() == rows

@@ -1,6 +1,7 @@
 """Reliability suite (issue 9): every stage survives a SIGKILL and resumes to an uninterrupted run's output; the 12
 kinds of bad input each give one clear line and exit code 2 (or a documented, counted skip); API faults through the
 loopback stubs end with retried items scored and permanently failed ones null, counted in the meta."""
+
 import json
 import os
 import shutil
@@ -35,83 +36,188 @@ def pool_rows(n, tags=("A", "B", "C"), **override):
     rows = []
     for i, text in enumerate(tiny_texts(n)):
         words = text.split()
-        rows.append({"prompt_id": i // 2, "sample_idx": i % 2, "prompt": " ".join(words[:3]), "iteration": 1,
-                     "generation": " " + " ".join(words[3:]), "condition": None, "truncated": False,
-                     "num_tokens": len(words) - 3, "reward": 0.5, "feedback": tags[i % len(tags)], **override})
+        rows.append(
+            {
+                "prompt_id": i // 2,
+                "sample_idx": i % 2,
+                "prompt": " ".join(words[:3]),
+                "iteration": 1,
+                "generation": " " + " ".join(words[3:]),
+                "condition": None,
+                "truncated": False,
+                "num_tokens": len(words) - 3,
+                "reward": 0.5,
+                "feedback": tags[i % len(tags)],
+                **override,
+            }
+        )
     return rows
 
 
 def asked_y(body):
     """The y a judge request (prompts/lmc_hh.txt) is about."""
-    return judge_target(body["messages"][0]["content"]).split("### Reply\n", 1)[1].rsplit("\n### Feedback", 1)[0]
+    return (
+        judge_target(body["messages"][0]["content"])
+        .split("### Reply\n", 1)[1]
+        .rsplit("\n### Feedback", 1)[0]
+    )
 
 
 def sample_file_rows(gens):
-    return [{"prompt_id": i, "sample_idx": 0, "iteration": 1, "prompt": f"Human: question {i}?\n\nAssistant:",
-             "generation": g} for i, g in enumerate(gens)]
+    return [
+        {
+            "prompt_id": i,
+            "sample_idx": 0,
+            "iteration": 1,
+            "prompt": f"Human: question {i}?\n\nAssistant:",
+            "generation": g,
+        }
+        for i, g in enumerate(gens)
+    ]
 
 
 # ============================================================================= the 12 bad inputs
 def bad_input_cases(tmp, model):
     """(kind, stage, argv, env, the exact stderr line; '...' ends a prefix) for each of the 12 kinds of bad input."""
-    ok_samples = jsonl(tmp / "ok.jsonl", sample_file_rows(["have a nice day", "you idiot", "the cat", "hi", "ok"]))
+    ok_samples = jsonl(
+        tmp / "ok.jsonl", sample_file_rows(["have a nice day", "you idiot", "the cat", "hi", "ok"])
+    )
     pool = jsonl(tmp / "pool.jsonl", pool_rows(6))
-    common.write_json(str(tmp / "pool.meta.json"), {"method": "alt-rm", "quantiles": 5, "scorer": "profanity-check",
-                                                    "tags": ["A", "B", "C"]})
+    common.write_json(
+        str(tmp / "pool.meta.json"),
+        {"method": "alt-rm", "quantiles": 5, "scorer": "profanity-check", "tags": ["A", "B", "C"]},
+    )
     purple = pool_rows(6)
     purple[2]["feedback"] = "Purple"
     purple = jsonl(tmp / "purple.jsonl", purple)
     common.write_json(str(tmp / "purple.meta.json"), {"method": "alt-rm", "tags": ["A", "B", "C"]})
-    torn = write(tmp / "torn.jsonl", json.dumps(sample_file_rows(["a"])[0]) + '\n{"prompt_id": 1, "prompt": \n')
+    torn = write(
+        tmp / "torn.jsonl",
+        json.dumps(sample_file_rows(["a"])[0]) + '\n{"prompt_id": 1, "prompt": \n',
+    )
     nokey = jsonl(tmp / "nokey.jsonl", [pool_rows(2)[0], {"prompt": "x", "feedback": "A"}])
-    latin = write(tmp / "latin.jsonl", b'{"prompt_id": 0, "prompt": "a", "generation": "b"}\n'
-                                       b'{"prompt_id": 1, "prompt": "caf\xe9", "generation": "b"}\n')
+    latin = write(
+        tmp / "latin.jsonl",
+        b'{"prompt_id": 0, "prompt": "a", "generation": "b"}\n'
+        b'{"prompt_id": 1, "prompt": "caf\xe9", "generation": "b"}\n',
+    )
     empty = write(tmp / "empty.jsonl", "")
     prompts = jsonl(tmp / "prompts.jsonl", [{"prompt": "the cat"}])
     out = str(tmp / "out")
     fb = ["--method", "alt-rm", "--out", out + ".jsonl"]
     tr = ["--model", model, "--out", out, "--batch-size", "4"]
     return [
-        ("1 malformed JSON line", "feedback", [*fb, "--samples", torn], {},
-         f"feedback.py: error: {torn}:2: malformed JSON (Expecting value at column 28)"),
-        ("2 missing required key", "train", ["--data", nokey, *tr], {},
-         f"train.py: error: {nokey}:2: missing key 'generation'"),
-        ("3 non-UTF-8 bytes", "evaluate", ["--generations", latin, "--out", out, "--fluency-model", "none"], {},
-         f"evaluate.py: error: {latin}:2: not valid UTF-8 (byte 0xe9 at column 32)"),
-        ("4 empty file", "feedback", [*fb, "--samples", empty], {}, f"feedback.py: error: {empty}: file is empty"),
-        ("8 unknown feedback label in a pool", "train", ["--data", purple, *tr], {},
-         f"train.py: error: {purple}:3: feedback 'Purple' is not one of the 3 tags in {tmp / 'purple.meta.json'} "
-         "(a pool from another method or K?)"),
-        ("9 pool from another K", "feedback", [*fb, "--samples", ok_samples, "--pool", pool, "--quantiles", "3",
-                                               "--tags", "a,b,c"], {},
-         f"feedback.py: error: --pool {pool} was made with quantiles 5, this run uses 3 ({tmp / 'pool.meta.json'})"),
-        ("9 pool from another method", "feedback", ["--method", "quark", "--out", out + ".jsonl", "--samples",
-                                                    ok_samples, "--pool", pool], {},
-         f"feedback.py: error: --pool {pool} was made with method 'alt-rm', this run uses 'quark' "
-         f"({tmp / 'pool.meta.json'})"),
-        ("9 pool from another method (train)", "train", ["--data", pool, *tr, "--expect-method", "quark"], {},
-         f"train.py: error: {tmp / 'pool.meta.json'}: pool method 'alt-rm', expected 'quark'"),
-        ("10 NaN loss (injected)", "train", ["--data", jsonl(tmp / "p24.jsonl", pool_rows(24)), *tr, "--save-every",
-                                             "2"], {"nan_at_step": 3},
-         f"train.py: error: non-finite loss (nan) at step 3; stopped before the update; last good checkpoint kept: "
-         f"{out}/checkpoint"),
-        ("11 unknown model path", "sample", ["--model", str(tmp / "no_such_model"), "--prompts", prompts, "--out",
-                                             out + ".jsonl"], {},
-         f"sample.py: error: cannot load model '{tmp / 'no_such_model'}': not a local model folder and not loadable "
-         "from the Hub (HF_HUB_OFFLINE is set): ..."),
-        ("11 unknown Hub name offline", "train", ["--data", pool, "--model", "no-such-org/no-such-model", "--out", out],
-         {}, "train.py: error: cannot load model 'no-such-org/no-such-model': not a local model folder and not "
-             "loadable from the Hub (HF_HUB_OFFLINE is set): ..."),
-        ("12 bad CLI value --shard 5/4", "sample", ["--model", model, "--prompts", prompts, "--out", out + ".jsonl",
-                                                    "--shard", "5/4"], {},
-         "...error: argument --shard: expected i/n with 0 <= i < n (e.g. 0/4), got '5/4'"),
-        ("12 bad CLI value --quantiles 0", "feedback", [*fb, "--samples", ok_samples, "--quantiles", "0"], {},
-         "feedback.py: error: bad --quantiles value (quantiles, concurrency, attempts, batch >= 1; qps > 0; "
-         "out *.jsonl)"),
-        ("12 bad CLI value --top-p 1.5", "evaluate", ["--model", model, "--out", out, "--top-p", "1.5"], {},
-         "...error: --top-p must be in (0, 1], got 1.5"),
-        ("12 bad CLI value --batch-size 0", "train", ["--data", pool, *tr[:-1], "0"], {},
-         "...error: --batch-size must be >= 1"),
+        (
+            "1 malformed JSON line",
+            "feedback",
+            [*fb, "--samples", torn],
+            {},
+            f"feedback.py: error: {torn}:2: malformed JSON (Expecting value at column 28)",
+        ),
+        (
+            "2 missing required key",
+            "train",
+            ["--data", nokey, *tr],
+            {},
+            f"train.py: error: {nokey}:2: missing key 'generation'",
+        ),
+        (
+            "3 non-UTF-8 bytes",
+            "evaluate",
+            ["--generations", latin, "--out", out, "--fluency-model", "none"],
+            {},
+            f"evaluate.py: error: {latin}:2: not valid UTF-8 (byte 0xe9 at column 32)",
+        ),
+        (
+            "4 empty file",
+            "feedback",
+            [*fb, "--samples", empty],
+            {},
+            f"feedback.py: error: {empty}: file is empty",
+        ),
+        (
+            "8 unknown feedback label in a pool",
+            "train",
+            ["--data", purple, *tr],
+            {},
+            f"train.py: error: {purple}:3: feedback 'Purple' is not one of the 3 tags in {tmp / 'purple.meta.json'} "
+            "(a pool from another method or K?)",
+        ),
+        (
+            "9 pool from another K",
+            "feedback",
+            [*fb, "--samples", ok_samples, "--pool", pool, "--quantiles", "3", "--tags", "a,b,c"],
+            {},
+            f"feedback.py: error: --pool {pool} was made with quantiles 5, this run uses 3 ({tmp / 'pool.meta.json'})",
+        ),
+        (
+            "9 pool from another method",
+            "feedback",
+            ["--method", "quark", "--out", out + ".jsonl", "--samples", ok_samples, "--pool", pool],
+            {},
+            f"feedback.py: error: --pool {pool} was made with method 'alt-rm', this run uses 'quark' "
+            f"({tmp / 'pool.meta.json'})",
+        ),
+        (
+            "9 pool from another method (train)",
+            "train",
+            ["--data", pool, *tr, "--expect-method", "quark"],
+            {},
+            f"train.py: error: {tmp / 'pool.meta.json'}: pool method 'alt-rm', expected 'quark'",
+        ),
+        (
+            "10 NaN loss (injected)",
+            "train",
+            ["--data", jsonl(tmp / "p24.jsonl", pool_rows(24)), *tr, "--save-every", "2"],
+            {"nan_at_step": 3},
+            f"train.py: error: non-finite loss (nan) at step 3; stopped before the update; last good checkpoint kept: "
+            f"{out}/checkpoint",
+        ),
+        (
+            "11 unknown model path",
+            "sample",
+            ["--model", str(tmp / "no_such_model"), "--prompts", prompts, "--out", out + ".jsonl"],
+            {},
+            f"sample.py: error: cannot load model '{tmp / 'no_such_model'}': not a local model folder and not loadable "
+            "from the Hub (HF_HUB_OFFLINE is set): ...",
+        ),
+        (
+            "11 unknown Hub name offline",
+            "train",
+            ["--data", pool, "--model", "no-such-org/no-such-model", "--out", out],
+            {},
+            "train.py: error: cannot load model 'no-such-org/no-such-model': not a local model folder and not "
+            "loadable from the Hub (HF_HUB_OFFLINE is set): ...",
+        ),
+        (
+            "12 bad CLI value --shard 5/4",
+            "sample",
+            ["--model", model, "--prompts", prompts, "--out", out + ".jsonl", "--shard", "5/4"],
+            {},
+            "...error: argument --shard: expected i/n with 0 <= i < n (e.g. 0/4), got '5/4'",
+        ),
+        (
+            "12 bad CLI value --quantiles 0",
+            "feedback",
+            [*fb, "--samples", ok_samples, "--quantiles", "0"],
+            {},
+            "feedback.py: error: bad --quantiles value (quantiles, concurrency, attempts, batch >= 1; qps > 0; "
+            "out *.jsonl)",
+        ),
+        (
+            "12 bad CLI value --top-p 1.5",
+            "evaluate",
+            ["--model", model, "--out", out, "--top-p", "1.5"],
+            {},
+            "...error: --top-p must be in (0, 1], got 1.5",
+        ),
+        (
+            "12 bad CLI value --batch-size 0",
+            "train",
+            ["--data", pool, *tr[:-1], "0"],
+            {},
+            "...error: --batch-size must be >= 1",
+        ),
     ]
 
 
@@ -125,7 +231,8 @@ def test_bad_inputs_give_one_clear_line_and_exit_2(tiny_model_dir, tmp_path, mon
                 else:
                     m.setenv(k, v)
             code, out, err = run_cli(stage, argv, m, capsys)
-        line = err.strip().splitlines()[-1] if err.strip() else ""  # argparse prints its usage above the error
+        # argparse prints its usage above the error
+        line = err.strip().splitlines()[-1] if err.strip() else ""
         assert code == 2, (kind, out, err)
         assert "Traceback" not in err, kind
         if want.startswith("..."):
@@ -134,20 +241,40 @@ def test_bad_inputs_give_one_clear_line_and_exit_2(tiny_model_dir, tmp_path, mon
             assert line.startswith(want[:-3]), (kind, line)
         else:
             assert line == want, kind
-        assert not os.path.exists(tmp_path / "out.jsonl") and not os.path.exists(tmp_path / "out" / "eval.json")
+        assert not os.path.exists(tmp_path / "out.jsonl") and not os.path.exists(
+            tmp_path / "out" / "eval.json"
+        )
         assert not os.path.exists(tmp_path / "out" / "train_summary.json"), kind
 
 
-def test_empty_prompt_long_prompt_and_empty_generation_are_counted_skips(tiny_model_dir, tmp_path, monkeypatch,
-                                                                         capsys):
+def test_empty_prompt_long_prompt_and_empty_generation_are_counted_skips(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
     """Kinds 5-7: an empty x is skipped (sample, evaluate) and counted; an x past the context is left-truncated, kept
     whole in the row, and counted; an empty y or a null f is skipped by train.py and counted in train_summary."""
     long_x = " ".join(["the cat sat on the mat"] * 40)  # ~240 tokens, the tiny context is 128
-    prompts = jsonl(tmp_path / "p.jsonl", [{"prompt": "the cat"}, {"prompt": ""}, {"prompt": long_x}])
+    prompts = jsonl(
+        tmp_path / "p.jsonl", [{"prompt": "the cat"}, {"prompt": ""}, {"prompt": long_x}]
+    )
     out = str(tmp_path / "s.jsonl")
-    code, printed, err = run_cli("sample", ["--model", tiny_model_dir, "--prompts", prompts, "--out", out,
-                                            "--num-samples", "2", "--max-new-tokens", "4", "--no-progress"],
-                                 monkeypatch, capsys)
+    code, printed, err = run_cli(
+        "sample",
+        [
+            "--model",
+            tiny_model_dir,
+            "--prompts",
+            prompts,
+            "--out",
+            out,
+            "--num-samples",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--no-progress",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     assert "skipped 1 empty prompts; left-truncated 1 over-long prompts" in printed
     assert "warning: 1 of 2 inputs exceed 124 tokens" in err
@@ -155,9 +282,26 @@ def test_empty_prompt_long_prompt_and_empty_generation_are_counted_skips(tiny_mo
     assert [(r["prompt_id"], r["sample_idx"]) for r in rows] == [(0, 0), (0, 1), (2, 0), (2, 1)]
     assert rows[2]["prompt"] == long_x  # the row keeps the raw x; only the model input was cut
 
-    code, _, err = run_cli("evaluate", ["--model", tiny_model_dir, "--prompts", prompts, "--out",
-                                        str(tmp_path / "ev"), "--num-samples", "2", "--max-new-tokens", "4",
-                                        "--fluency-model", "none", "--no-progress"], monkeypatch, capsys)
+    code, _, err = run_cli(
+        "evaluate",
+        [
+            "--model",
+            tiny_model_dir,
+            "--prompts",
+            prompts,
+            "--out",
+            str(tmp_path / "ev"),
+            "--num-samples",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--fluency-model",
+            "none",
+            "--no-progress",
+        ],
+        monkeypatch,
+        capsys,
+    )
     res = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert code == 0 and res["n_prompts"] == 2 and res["counts"]["n_prompts_empty_skipped"] == 1
     assert res["counts"]["n_prompts_left_truncated"] == 1
@@ -167,8 +311,23 @@ def test_empty_prompt_long_prompt_and_empty_generation_are_counted_skips(tiny_mo
     rows[2]["feedback"] = None
     rows[3]["prompt"] = long_x
     pool = jsonl(tmp_path / "pool.jsonl", rows)
-    code, _, err = run_cli("train", ["--data", pool, "--model", tiny_model_dir, "--out", str(tmp_path / "m"),
-                                     "--batch-size", "4", "--beta", "0"], monkeypatch, capsys)
+    code, _, err = run_cli(
+        "train",
+        [
+            "--data",
+            pool,
+            "--model",
+            tiny_model_dir,
+            "--out",
+            str(tmp_path / "m"),
+            "--batch-size",
+            "4",
+            "--beta",
+            "0",
+        ],
+        monkeypatch,
+        capsys,
+    )
     summary = json.loads((tmp_path / "m" / "train_summary.json").read_text())
     assert code == 0, err
     c = summary["counts"]
@@ -185,7 +344,10 @@ def test_more_bad_inputs_found_by_this_suite(tiny_model_dir, tmp_path, monkeypat
     rows = sample_file_rows(["a", "b", "c", "d", "e", "f"])
     rows[4]["sample_idx"] = "x"
     stridx = jsonl(tmp_path / "stridx.jsonl", rows)
-    gens = jsonl(tmp_path / "g.jsonl", [{"prompt_id": [1], "prompt": "a", "generation": "b", "toxicity": 0.1}])
+    gens = jsonl(
+        tmp_path / "g.jsonl",
+        [{"prompt_id": [1], "prompt": "a", "generation": "b", "toxicity": 0.1}],
+    )
     template = write(tmp_path / "t.txt", b"Judge \xff {prompt} {generation}")
     model = tmp_path / "summary_list"
     model.mkdir()
@@ -194,23 +356,68 @@ def test_more_bad_inputs_found_by_this_suite(tiny_model_dir, tmp_path, monkeypat
     shutil.copytree(tiny_model_dir, ck)  # weights fine, the resume state not
     (ck / "state.pt").write_bytes(b"not a torch file")
     pool = jsonl(tmp_path / "pool.jsonl", pool_rows(8))
-    fb = ["--method", "alt-rm", "--out", str(tmp_path / "o.jsonl"), "--quantiles", "2", "--tags", "a,b"]
+    fb = [
+        "--method",
+        "alt-rm",
+        "--out",
+        str(tmp_path / "o.jsonl"),
+        "--quantiles",
+        "2",
+        "--tags",
+        "a,b",
+    ]
     cases = [
-        ("feedback", [*fb, "--samples", nullid],
-         f"feedback.py: error: {nullid}:4: prompt_id must be an int or a string; iteration and sample_idx ints"),
-        ("feedback", [*fb, "--samples", stridx],
-         f"feedback.py: error: {stridx}:5: prompt_id must be an int or a string; iteration and sample_idx ints"),
-        ("feedback", ["--method", "alt-lmc", "--samples", jsonl(tmp_path / "ok.jsonl", sample_file_rows(["a"])),
-                      "--out", str(tmp_path / "o.jsonl"), "--base-url", "http://127.0.0.1:9/v1", "--prompt-template",
-                      template],
-         f"feedback.py: error: --prompt-template {template}: not a UTF-8 file with both {{prompt}} and "
-         "{generation}"),
-        ("evaluate", ["--generations", gens, "--out", str(tmp_path / "ev"), "--fluency-model", "none"],
-         f"evaluate.py: error: {gens}: row 1: 'prompt_id' must be an integer or a string"),
-        ("evaluate", ["--model", str(model), "--out", str(tmp_path / "ev"), "--fluency-model", "none"],
-         f"evaluate.py: error: {model / 'train_summary.json'}: expected a JSON object, got list"),
-        ("train", ["--data", pool, "--model", tiny_model_dir, "--out", str(tmp_path / "t"), "--batch-size", "4"],
-         f"train.py: error: {ck}: unreadable resume state (UnpicklingError); rerun with --overwrite"),
+        (
+            "feedback",
+            [*fb, "--samples", nullid],
+            f"feedback.py: error: {nullid}:4: prompt_id must be an int or a string; iteration and sample_idx ints",
+        ),
+        (
+            "feedback",
+            [*fb, "--samples", stridx],
+            f"feedback.py: error: {stridx}:5: prompt_id must be an int or a string; iteration and sample_idx ints",
+        ),
+        (
+            "feedback",
+            [
+                "--method",
+                "alt-lmc",
+                "--samples",
+                jsonl(tmp_path / "ok.jsonl", sample_file_rows(["a"])),
+                "--out",
+                str(tmp_path / "o.jsonl"),
+                "--base-url",
+                "http://127.0.0.1:9/v1",
+                "--prompt-template",
+                template,
+            ],
+            f"feedback.py: error: --prompt-template {template}: not a UTF-8 file with both {{prompt}} and "
+            "{generation}",
+        ),
+        (
+            "evaluate",
+            ["--generations", gens, "--out", str(tmp_path / "ev"), "--fluency-model", "none"],
+            f"evaluate.py: error: {gens}: row 1: 'prompt_id' must be an integer or a string",
+        ),
+        (
+            "evaluate",
+            ["--model", str(model), "--out", str(tmp_path / "ev"), "--fluency-model", "none"],
+            f"evaluate.py: error: {model / 'train_summary.json'}: expected a JSON object, got list",
+        ),
+        (
+            "train",
+            [
+                "--data",
+                pool,
+                "--model",
+                tiny_model_dir,
+                "--out",
+                str(tmp_path / "t"),
+                "--batch-size",
+                "4",
+            ],
+            f"train.py: error: {ck}: unreadable resume state (UnpicklingError); rerun with --overwrite",
+        ),
     ]
     for stage, argv, want in cases:
         code, _, err = run_cli(stage, argv, monkeypatch, capsys)
@@ -220,10 +427,21 @@ def test_more_bad_inputs_found_by_this_suite(tiny_model_dir, tmp_path, monkeypat
 # ============================================================================= SIGKILL and resume
 def start(script, argv, log, env=None):
     """`python script ARGV` with stdout+stderr to `log` (a file: a full pipe would stall the child)."""
-    full = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    full = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
     with open(log, "wb") as fh:
-        return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT, env=full, stdout=fh,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, script), *argv],
+            cwd=ROOT,
+            env=full,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def kill_when(proc, ready, log, timeout=240):
@@ -232,7 +450,9 @@ def kill_when(proc, ready, log, timeout=240):
     while not ready():
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
-            pytest.fail(f"ended (rc {proc.poll()}) before it could be killed:\n{open(log).read()[-3000:]}")
+            pytest.fail(
+                f"ended (rc {proc.poll()}) before it could be killed:\n{open(log).read()[-3000:]}"
+            )
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -261,13 +481,31 @@ def assert_no_half_written(folder, finished):
 
 
 @pytest.mark.slow
-def test_sample_killed_then_rerun_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_sample_killed_then_rerun_equals_an_uninterrupted_run(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
     prompts = jsonl(tmp_path / "p.jsonl", [{"prompt": t} for t in tiny_texts(40)])
     out = str(tmp_path / "run" / "s.jsonl")
-    argv = ["--model", tiny_model_dir, "--prompts", prompts, "--out", out, "--num-samples", "2", "--max-new-tokens",
-            "5", "--batch-size", "1", "--condition", "Lowest Toxicity", "--no-progress"]
+    argv = [
+        "--model",
+        tiny_model_dir,
+        "--prompts",
+        prompts,
+        "--out",
+        out,
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "5",
+        "--batch-size",
+        "1",
+        "--condition",
+        "Lowest Toxicity",
+        "--no-progress",
+    ]
     proc = start("sample.py", argv, tmp_path / "log")
-    kill_when(proc, lambda: lines(out + ".partial") >= 3, tmp_path / "log")  # the config + 2 finished batches
+    # the config + 2 finished batches
+    kill_when(proc, lambda: lines(out + ".partial") >= 3, tmp_path / "log")
     assert_no_half_written(tmp_path / "run", ["s.jsonl"])
     code, printed, _ = run_cli("sample", argv, monkeypatch, capsys)
     resumed = int(printed.split(" batches resumed")[0].rsplit(" ", 1)[1])
@@ -278,21 +516,42 @@ def test_sample_killed_then_rerun_equals_an_uninterrupted_run(tiny_model_dir, tm
 
 
 @pytest.mark.slow
-def test_feedback_offline_killed_then_rerun_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+def test_feedback_offline_killed_then_rerun_equals_an_uninterrupted_run(
+    tmp_path, monkeypatch, capsys
+):
     texts = tiny_texts(400)
-    samples = jsonl(tmp_path / "s.jsonl", [{"prompt_id": i // 4, "sample_idx": i % 4, "iteration": 1,
-                                            "prompt": "the cat", "generation": f"{texts[i % 400]} {i}"}
-                                           for i in range(20000)])  # big enough to be still scoring at the kill
+    # big enough to be still scoring at the kill
+    samples = jsonl(
+        tmp_path / "s.jsonl",
+        [
+            {
+                "prompt_id": i // 4,
+                "sample_idx": i % 4,
+                "iteration": 1,
+                "prompt": "the cat",
+                "generation": f"{texts[i % 400]} {i}",
+            }
+            for i in range(20000)
+        ],
+    )
     out = str(tmp_path / "run" / "pool.jsonl")
     argv = ["--method", "alt-rm", "--samples", samples, "--out", out]
     proc = start("feedback.py", argv, tmp_path / "log")
-    kill_when(proc, lambda: b"scoring 20000 new rows" in open(tmp_path / "log", "rb").read(), tmp_path / "log")
-    assert_no_half_written(tmp_path / "run", ["pool.meta.json"])  # the meta, written last, marks a finished pool
+    kill_when(
+        proc,
+        lambda: b"scoring 20000 new rows" in open(tmp_path / "log", "rb").read(),
+        tmp_path / "log",
+    )
+    # the meta, written last, marks a finished pool
+    assert_no_half_written(tmp_path / "run", ["pool.meta.json"])
     assert run_cli("feedback", argv, monkeypatch, capsys)[0] == 0
     ref = str(tmp_path / "ref" / "pool.jsonl")
     assert run_cli("feedback", [*argv[:-1], ref], monkeypatch, capsys)[0] == 0
     assert common.read_jsonl(out) == common.read_jsonl(ref)
-    assert json.load(open(feedback.meta_path(out)))["counts"] == json.load(open(feedback.meta_path(ref)))["counts"]
+    assert (
+        json.load(open(feedback.meta_path(out)))["counts"]
+        == json.load(open(feedback.meta_path(ref)))["counts"]
+    )
 
 
 @pytest.mark.slow
@@ -305,20 +564,39 @@ def test_feedback_llm_killed_then_rerun_never_pays_twice(tmp_path, monkeypatch, 
     out = str(tmp_path / "run" / "pool.jsonl")
     cache = tmp_path / "run" / "llm_cache.jsonl"
     with openai_stub(answer, latency=0.03) as stub:
-        argv = ["--method", "alt-lmc", "--samples", samples, "--out", out, "--base-url", stub.url, "--llm-model",
-                "stub-judge", "--concurrency", "1"]
+        argv = [
+            "--method",
+            "alt-lmc",
+            "--samples",
+            samples,
+            "--out",
+            out,
+            "--base-url",
+            stub.url,
+            "--llm-model",
+            "stub-judge",
+            "--concurrency",
+            "1",
+        ]
         proc = start("feedback.py", argv, tmp_path / "log")
         kill_when(proc, lambda: lines(cache) >= 3, tmp_path / "log")
         assert_no_half_written(tmp_path / "run", ["pool.jsonl", "pool.meta.json"])
-        paid = {r["key"] for r in common.read_jsonl(str(cache), partial_ok=True)}  # the child is dead: final
+        # the child is dead: final
+        paid = {r["key"] for r in common.read_jsonl(str(cache), partial_ok=True)}
         n0 = len(stub.log)
         assert run_cli("feedback", argv, monkeypatch, capsys)[0] == 0
         asked = [asked_y(body) for _, _, body in stub.log[n0:]]
-        template = open(os.path.join(feedback.HERE, "prompts", "lmc_hh.txt"), encoding="utf-8").read()
-        unpaid = [r["generation"] for r in sample_file_rows(gens)
-                  if feedback.cache_key("stub-judge", template, r["prompt"], r["generation"]) not in paid]
+        template = open(
+            os.path.join(feedback.HERE, "prompts", "lmc_hh.txt"), encoding="utf-8"
+        ).read()
+        unpaid = [
+            r["generation"]
+            for r in sample_file_rows(gens)
+            if feedback.cache_key("stub-judge", template, r["prompt"], r["generation"]) not in paid
+        ]
         assert 3 <= len(paid) < 30 and len(unpaid) == 30 - len(paid)
-        assert sorted(asked) == sorted(unpaid)  # each unpaid item asked once; no paid answer asked again
+        # each unpaid item asked once; no paid answer asked again
+        assert sorted(asked) == sorted(unpaid)
         ref = str(tmp_path / "ref" / "pool.jsonl")
         assert run_cli("feedback", [*argv[:5], ref, *argv[6:]], monkeypatch, capsys)[0] == 0
     assert common.read_jsonl(out) == common.read_jsonl(ref)
@@ -327,36 +605,76 @@ def test_feedback_llm_killed_then_rerun_never_pays_twice(tmp_path, monkeypatch, 
 
 
 @pytest.mark.slow
-def test_train_killed_then_rerun_reaches_the_same_final_step(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_train_killed_then_rerun_reaches_the_same_final_step(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
     pool = jsonl(tmp_path / "pool.jsonl", pool_rows(160))
     out = str(tmp_path / "run")
-    argv = ["--data", pool, "--model", tiny_model_dir, "--out", out, "--batch-size", "4", "--lr", "1e-3",
-            "--save-every", "4"]
+    argv = [
+        "--data",
+        pool,
+        "--model",
+        tiny_model_dir,
+        "--out",
+        out,
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--save-every",
+        "4",
+    ]
     proc = start("train.py", argv, tmp_path / "log")
-    kill_when(proc, lambda: os.path.exists(os.path.join(out, "checkpoint", "state.pt"))
-              and lines(os.path.join(out, "train_log.jsonl")) >= 5, tmp_path / "log")
+    kill_when(
+        proc,
+        lambda: (
+            os.path.exists(os.path.join(out, "checkpoint", "state.pt"))
+            and lines(os.path.join(out, "train_log.jsonl")) >= 5
+        ),
+        tmp_path / "log",
+    )
     assert_no_half_written(out, ["train_summary.json", "model.safetensors"])
     killed_at = len(common.read_jsonl(os.path.join(out, "train_log.jsonl"), partial_ok=True))
     assert run_cli("train", argv, monkeypatch, capsys)[0] == 0
     ref = str(tmp_path / "ref")
     assert run_cli("train", [*argv[:5], ref, *argv[6:]], monkeypatch, capsys)[0] == 0
     a, b = (common.read_jsonl(os.path.join(d, "train_log.jsonl")) for d in (out, ref))
-    assert 5 <= killed_at < 40 and [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 41))
+    assert 5 <= killed_at < 40 and [r["step"] for r in a] == [r["step"] for r in b] == list(
+        range(1, 41)
+    )
     for x, y in zip(a, b):
         assert (x["lr"], x["tokens"], x["epoch"]) == (y["lr"], y["tokens"], y["epoch"])
-        assert [x[k] for k in ("nll", "kl", "entropy")] == pytest.approx([y[k] for k in ("nll", "kl", "entropy")],
-                                                                         abs=1e-5)
+        assert [x[k] for k in ("nll", "kl", "entropy")] == pytest.approx(
+            [y[k] for k in ("nll", "kl", "entropy")], abs=1e-5
+        )
     sa, sb = (json.load(open(os.path.join(d, "train_summary.json"))) for d in (out, ref))
     assert sa["steps"] == sb["steps"] == 40 and sa["final"]["step"] == 40
     assert not os.path.exists(os.path.join(out, "checkpoint"))
 
 
 @pytest.mark.slow
-def test_evaluate_killed_then_rerun_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_evaluate_killed_then_rerun_equals_an_uninterrupted_run(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
     prompts = jsonl(tmp_path / "p.jsonl", [{"prompt": t} for t in tiny_texts(24)])
     out = str(tmp_path / "run")
-    argv = ["--model", tiny_model_dir, "--prompts", prompts, "--out", out, "--num-samples", "2", "--max-new-tokens",
-            "5", "--batch-size", "1", "--fluency-model", tiny_model_dir, "--no-progress"]
+    argv = [
+        "--model",
+        tiny_model_dir,
+        "--prompts",
+        prompts,
+        "--out",
+        out,
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "5",
+        "--batch-size",
+        "1",
+        "--fluency-model",
+        tiny_model_dir,
+        "--no-progress",
+    ]
     proc = start("evaluate.py", argv, tmp_path / "log")
     kill_when(proc, lambda: lines(os.path.join(out, "eval.partial.jsonl")) >= 3, tmp_path / "log")
     assert_no_half_written(out, ["eval.json", "generations.jsonl"])
@@ -364,7 +682,8 @@ def test_evaluate_killed_then_rerun_equals_an_uninterrupted_run(tiny_model_dir, 
     ref = str(tmp_path / "ref")
     assert run_cli("evaluate", [*argv[:5], ref, *argv[6:]], monkeypatch, capsys)[0] == 0
     assert common.read_jsonl(os.path.join(out, "generations.jsonl")) == common.read_jsonl(
-        os.path.join(ref, "generations.jsonl"))
+        os.path.join(ref, "generations.jsonl")
+    )
     a, b = (json.load(open(os.path.join(d, "eval.json"))) for d in (out, ref))
     assert {k: a[k] for k in evaluate.METRICS} == {k: b[k] for k in evaluate.METRICS}
     assert not os.path.exists(os.path.join(out, "eval.partial.jsonl"))
@@ -373,22 +692,40 @@ def test_evaluate_killed_then_rerun_equals_an_uninterrupted_run(tiny_model_dir, 
 # ============================================================================= API faults (what test_feedback lacks)
 def perspective_faults(times):
     """Every fault once, then a good score; DOWN always 500, BADREQ always 400. `times` records request times."""
+
     def behave(text, n):
         times.setdefault(text, []).append(time.monotonic())
-        first = {"RATE": {"status": 429, "headers": {"Retry-After": "0.3"}}, "FLAKY": {"status": 500},
-                 "RESET": {"reset": True}, "SLOW": {"sleep": 1.0, "reply": 0.99}, "GARBAGE": {"raw": b"<html>"},
-                 "RANGE": 1.7}
+        first = {
+            "RATE": {"status": 429, "headers": {"Retry-After": "0.3"}},
+            "FLAKY": {"status": 500},
+            "RESET": {"reset": True},
+            "SLOW": {"sleep": 1.0, "reply": 0.99},
+            "GARBAGE": {"raw": b"<html>"},
+            "RANGE": 1.7,
+        }
         if "DOWN" in text:
             return {"status": 500}
         if "BADREQ" in text:
             return {"status": 400}
         hit = next((v for k, v in first.items() if k in text), None)
         return hit if hit is not None and n == 0 else 0.9 if "idiot" in text else 0.1
+
     return behave
 
 
 def test_perspective_faults_end_to_end_counted_in_the_meta(tmp_path, monkeypatch, capsys):
-    gens = ["nice", "you idiot", "RATE", "FLAKY", "RESET", "SLOW", "GARBAGE", "RANGE", "DOWN", "BADREQ"]
+    gens = [
+        "nice",
+        "you idiot",
+        "RATE",
+        "FLAKY",
+        "RESET",
+        "SLOW",
+        "GARBAGE",
+        "RANGE",
+        "DOWN",
+        "BADREQ",
+    ]
     samples = jsonl(tmp_path / "s.jsonl", sample_file_rows(gens))
     out = str(tmp_path / "pool.jsonl")
     times = {}
@@ -396,36 +733,78 @@ def test_perspective_faults_end_to_end_counted_in_the_meta(tmp_path, monkeypatch
     monkeypatch.setenv("PERSPECTIVE_TIMEOUT", "0.3")
     with perspective_stub(perspective_faults(times)) as stub:
         monkeypatch.setenv("PERSPECTIVE_API_URL", stub.url)
-        code, _, err = run_cli("feedback", ["--method", "alt-rm", "--scorer", "perspective", "--qps", "200",
-                                            "--samples", samples, "--out", out, "--quantiles", "2", "--tags",
-                                            "good,bad"], monkeypatch, capsys)
+        code, _, err = run_cli(
+            "feedback",
+            [
+                "--method",
+                "alt-rm",
+                "--scorer",
+                "perspective",
+                "--qps",
+                "200",
+                "--samples",
+                samples,
+                "--out",
+                out,
+                "--quantiles",
+                "2",
+                "--tags",
+                "good,bad",
+            ],
+            monkeypatch,
+            capsys,
+        )
         n_requests = len(stub.log)
     assert code == 0, err
     rows = common.read_jsonl(out)
-    want = [0.9, 0.1] + [0.9] * 6 + [None, None]  # retried items succeed; DOWN and BADREQ stay unscored
+    # retried items succeed; DOWN and BADREQ stay unscored
+    want = [0.9, 0.1] + [0.9] * 6 + [None, None]
     assert [r["reward"] for r in rows] == pytest.approx(want)
     assert [r["feedback"] is None for r in rows] == [w is None for w in want]
-    assert times["RATE"][1] - times["RATE"][0] >= 0.3  # Retry-After honoured, though --qps allows 200/s
+    # Retry-After honoured, though --qps allows 200/s
+    assert times["RATE"][1] - times["RATE"][0] >= 0.3
     c = json.load(open(feedback.meta_path(out)))["counts"]
     assert (c["reward_null"], c["feedback_null"]) == (2, 2)
     assert (c["scorer_http_429"], c["scorer_http_500"], c["scorer_http_400"]) == (1, 1 + 4, 1)
     assert c["scorer_value_out_of_range"] == 1
     errors = {k: v for k, v in c.items() if k.startswith("scorer_")}
-    assert sum(errors.values()) == n_requests - 8 == 6 + 4 + 1  # every failed request counted, by kind
-    assert len(errors) == 7  # 429, 500, 400, out of range, and the reset, timeout and garbage exception kinds
+    # every failed request counted, by kind
+    assert sum(errors.values()) == n_requests - 8 == 6 + 4 + 1
+    # 429, 500, 400, out of range, and the reset, timeout and garbage exception kinds
+    assert len(errors) == 7
 
 
 def test_evaluate_counts_perspective_faults_and_nulls(tmp_path, monkeypatch):
-    gens = jsonl(tmp_path / "g.jsonl", [{"prompt_id": i // 2, "prompt": "the cat", "generation": g}
-                                        for i, g in enumerate(["nice", "FLAKY", "DOWN", "GARBAGE"])])
+    gens = jsonl(
+        tmp_path / "g.jsonl",
+        [
+            {"prompt_id": i // 2, "prompt": "the cat", "generation": g}
+            for i, g in enumerate(["nice", "FLAKY", "DOWN", "GARBAGE"])
+        ],
+    )
     monkeypatch.setenv("PERSPECTIVE_API_KEY", "test-key")
     monkeypatch.setenv("PERSPECTIVE_TIMEOUT", "0.3")
     with perspective_stub(perspective_faults({})) as stub:
         monkeypatch.setenv("PERSPECTIVE_API_URL", stub.url)
-        evaluate.main(["--generations", gens, "--out", str(tmp_path / "ev"), "--scorer", "perspective", "--qps",
-                       "200", "--fluency-model", "none", "--no-progress"])
+        evaluate.main(
+            [
+                "--generations",
+                gens,
+                "--out",
+                str(tmp_path / "ev"),
+                "--scorer",
+                "perspective",
+                "--qps",
+                "200",
+                "--fluency-model",
+                "none",
+                "--no-progress",
+            ]
+        )
     res = json.loads((tmp_path / "ev" / "eval.json").read_text())
     rows = common.read_jsonl(str(tmp_path / "ev" / "generations.jsonl"))
     assert [r["toxicity"] for r in rows] == [0.1, 0.1, None, 0.1]
-    assert res["counts"]["n_scores_null"] == 1 and res["counts"]["scorer_errors"]["http_500"] == 1 + 4
+    assert (
+        res["counts"]["n_scores_null"] == 1 and res["counts"]["scorer_errors"]["http_500"] == 1 + 4
+    )
     assert res["avg_max_toxicity"] == pytest.approx(0.1) and res["n_prompts"] == 2

@@ -1,5 +1,6 @@
 """sample.py: rows and schema, conditioning kept out of `prompt`, control tokens never sampled, EOS bookkeeping,
 batching keeps input order, seeds reproduce, shard + merge == unsharded, resume, and the bad-input errors."""
+
 import json
 import os
 import signal
@@ -16,7 +17,16 @@ from common import SEPARATOR, AltError
 from conftest import ROOT, tiny_texts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-KEYS = {"prompt_id", "sample_idx", "prompt", "generation", "condition", "iteration", "truncated", "num_tokens"}
+KEYS = {
+    "prompt_id",
+    "sample_idx",
+    "prompt",
+    "generation",
+    "condition",
+    "iteration",
+    "truncated",
+    "num_tokens",
+}
 
 
 def write_prompts(path, texts, ids=None):
@@ -43,6 +53,7 @@ def spy(model):
         out = orig(*a, **k)
         calls.append((k["input_ids"].clone(), out.clone()))
         return out
+
     model.generate = generate
     return calls
 
@@ -70,23 +81,51 @@ def scrambled(model, std=0.5):
 
 @pytest.fixture()
 def policy(tiny_model_dir):
-    return common.load_policy(tiny_model_dir, "cpu", "float32", extra_tokens=[common.quantile_token(0)])
+    return common.load_policy(
+        tiny_model_dir, "cpu", "float32", extra_tokens=[common.quantile_token(0)]
+    )
 
 
 def test_rows_schema_counts_and_raw_prompt(tiny_model_dir, tmp_path, capsys):
-    texts = ["the cat sat", "", "the cat sat", "you are so nice", "   "]  # duplicates keep all their samples
+    # duplicates keep all their samples
+    texts = ["the cat sat", "", "the cat sat", "you are so nice", "   "]
     prompts = write_prompts(tmp_path / "p.jsonl", texts, ids=[10, 11, 12, "x", 14])
     out = str(tmp_path / "s.jsonl")
-    assert run(["--model", tiny_model_dir, "--prompts", prompts, "--out", out, "--num-samples", "3",
-                "--max-new-tokens", "6", "--condition", "Lowest Toxicity", "--iteration", "2", "--no-progress"]) == 0
+    assert (
+        run(
+            [
+                "--model",
+                tiny_model_dir,
+                "--prompts",
+                prompts,
+                "--out",
+                out,
+                "--num-samples",
+                "3",
+                "--max-new-tokens",
+                "6",
+                "--condition",
+                "Lowest Toxicity",
+                "--iteration",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rows = common.read_jsonl(out)
     assert len(rows) == 3 * 3
     assert all(set(r) == KEYS for r in rows)
-    assert [(r["prompt_id"], r["sample_idx"]) for r in rows] == [(p, j) for p in (10, 12, "x") for j in range(3)]
-    assert [r["prompt"] for r in rows] == [t for t in ("the cat sat", "the cat sat", "you are so nice")
-                                           for _ in range(3)]
-    assert all(r["condition"] == "Lowest Toxicity" and r["iteration"] == 2 and SEPARATOR not in r["prompt"]
-               for r in rows)
+    assert [(r["prompt_id"], r["sample_idx"]) for r in rows] == [
+        (p, j) for p in (10, 12, "x") for j in range(3)
+    ]
+    assert [r["prompt"] for r in rows] == [
+        t for t in ("the cat sat", "the cat sat", "you are so nice") for _ in range(3)
+    ]
+    assert all(
+        r["condition"] == "Lowest Toxicity" and r["iteration"] == 2 and SEPARATOR not in r["prompt"]
+        for r in rows
+    )
     for r in rows:
         assert isinstance(r["generation"], str) and isinstance(r["truncated"], bool)
         assert r["num_tokens"] == 6 if r["truncated"] else 0 <= r["num_tokens"] < 6
@@ -94,8 +133,24 @@ def test_rows_schema_counts_and_raw_prompt(tiny_model_dir, tmp_path, capsys):
     assert "9 rows (3 prompts x 3)" in summary and "skipped 2 empty prompts" in summary
 
     unc = str(tmp_path / "u.jsonl")
-    assert run(["--model", tiny_model_dir, "--prompts", prompts, "--out", unc, "--num-samples", "1",
-                "--max-new-tokens", "3", "--no-progress"]) == 0
+    assert (
+        run(
+            [
+                "--model",
+                tiny_model_dir,
+                "--prompts",
+                prompts,
+                "--out",
+                unc,
+                "--num-samples",
+                "1",
+                "--max-new-tokens",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert [r["condition"] for r in common.read_jsonl(unc)] == [None] * 3
 
 
@@ -106,12 +161,31 @@ def test_model_input_is_condition_of_x_and_f(tiny_model_dir, tmp_path, monkeypat
         model, tok = load(*a, **k)
         calls.append((tok, spy(model)))
         return model, tok
+
     monkeypatch.setattr(common, "load_policy", load_and_spy)
     prompts = write_prompts(tmp_path / "p.jsonl", ["the dog went to market"])
-    assert run(["--model", tiny_model_dir, "--prompts", prompts, "--out", str(tmp_path / "s.jsonl"),
-                "--num-samples", "2", "--max-new-tokens", "4", "--condition", "Lowest Toxicity", "--no-progress"]) == 0
+    assert (
+        run(
+            [
+                "--model",
+                tiny_model_dir,
+                "--prompts",
+                prompts,
+                "--out",
+                str(tmp_path / "s.jsonl"),
+                "--num-samples",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--condition",
+                "Lowest Toxicity",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     tok, gens = calls[0]
-    (input_ids, _), = gens
+    ((input_ids, _),) = gens
     assert tok.decode(input_ids[0]) == "Lowest Toxicity" + SEPARATOR + "the dog went to market"
     assert common.read_jsonl(str(tmp_path / "s.jsonl"))[0]["prompt"] == "the dog went to market"
 
@@ -122,13 +196,22 @@ def test_control_tokens_are_never_generated(policy):
     assert len(control) == 2  # the separator and the quantile token
     biased(model, tok, control, 30.0)  # without suppression these would be nearly every token
     x = tok(["the cat"], return_tensors="pt")
-    raw = model.generate(**x, do_sample=True, top_k=0, max_new_tokens=10, pad_token_id=tok.pad_token_id)
+    raw = model.generate(
+        **x, do_sample=True, top_k=0, max_new_tokens=10, pad_token_id=tok.pad_token_id
+    )
     assert torch.isin(raw[0, 2:], torch.tensor(control)).float().mean() > 0.9
     calls = spy(model)
-    res = sample.generate_batched(model, tok, [common.condition("the cat", "good"), "a dog"], num_samples=8,
-                                  max_new_tokens=10, batch_size=1, progress=False)
+    res = sample.generate_batched(
+        model,
+        tok,
+        [common.condition("the cat", "good"), "a dog"],
+        num_samples=8,
+        max_new_tokens=10,
+        batch_size=1,
+        progress=False,
+    )
     for input_ids, out in calls:
-        assert not torch.isin(out[:, input_ids.shape[1]:], torch.tensor(control)).any()
+        assert not torch.isin(out[:, input_ids.shape[1] :], torch.tensor(control)).any()
     assert all(y["num_tokens"] > 0 and y["generation"] for ys in res for y in ys)
 
 
@@ -141,17 +224,23 @@ def nucleus(logits, top_p, temperature):
             break
         keep.add(i)
         mass += float(p[i])
-    q = torch.tensor([float(p[i]) if i in keep else 0.0 for i in range(len(p))], dtype=torch.float64)
+    q = torch.tensor(
+        [float(p[i]) if i in keep else 0.0 for i in range(len(p))], dtype=torch.float64
+    )
     return q / q.sum()
 
 
 @pytest.mark.parametrize("top_p,temperature", [(1.0, 1.0), (0.8, 1.0), (0.9, 0.6), (1.0, 1.7)])
 def test_sampler_draws_the_nucleus_distribution_exactly(top_p, temperature):
-    logits = torch.tensor([2.0, 0.5, -float("inf"), 1.0, 0.0, -1.0, 1.9, -3.0])  # token 2 is suppressed
+    # token 2 is suppressed
+    logits = torch.tensor([2.0, 0.5, -float("inf"), 1.0, 0.0, -1.0, 1.9, -3.0])
     n = 200_000
     torch.manual_seed(0)
-    scores = sample.sampler(top_p, temperature)(torch.zeros(n, 1, dtype=torch.long), logits.repeat(n, 1))
-    assert (scores.isfinite().sum(1) == 1).all() and (scores.max(1).values == 0).all()  # exactly one pick per row
+    scores = sample.sampler(top_p, temperature)(
+        torch.zeros(n, 1, dtype=torch.long), logits.repeat(n, 1)
+    )
+    # exactly one pick per row
+    assert (scores.isfinite().sum(1) == 1).all() and (scores.max(1).values == 0).all()
     freq = torch.bincount(scores.argmax(1), minlength=len(logits)).double() / n
     want = nucleus(logits, top_p, temperature)
     assert (freq[want == 0] == 0).all()  # never outside the nucleus, never the -inf token
@@ -161,9 +250,11 @@ def test_sampler_draws_the_nucleus_distribution_exactly(top_p, temperature):
 
 def test_inverse_cdf_never_picks_a_zero_probability_token_at_the_edge(monkeypatch):
     logits = torch.tensor([[0.0, 0.0, -float("inf")]])  # the last token has probability 0
-    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(*a[:2], dtype=k.get("dtype")))  # u = 1 exactly
+    # u = 1 exactly
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(*a[:2], dtype=k.get("dtype")))
     scores = sample.InverseCdfSampler()(None, logits)
-    assert int(scores.argmax()) == 1 and scores[0, 2] == -float("inf")  # u just below the total: the last real token
+    # u just below the total: the last real token
+    assert int(scores.argmax()) == 1 and scores[0, 2] == -float("inf")
 
 
 @pytest.mark.parametrize("exact_sampler", [False, True])
@@ -174,9 +265,20 @@ def test_first_token_frequencies_match_the_model_softmax(policy, exact_sampler):
     scrambled(model, std=0.3)
     x = "the cat sat on"
     n, top_p, temperature = 6000, 0.9, 0.8
-    res = sample.generate_batched(model, tok, [x], num_samples=n, max_new_tokens=1, top_p=top_p,
-                                  temperature=temperature, batch_size=1, progress=False, return_ids=True,
-                                  min_new_tokens=0, exact_sampler=exact_sampler)
+    res = sample.generate_batched(
+        model,
+        tok,
+        [x],
+        num_samples=n,
+        max_new_tokens=1,
+        top_p=top_p,
+        temperature=temperature,
+        batch_size=1,
+        progress=False,
+        return_ids=True,
+        min_new_tokens=0,
+        exact_sampler=exact_sampler,
+    )
     with torch.no_grad():
         logits = model(**tok([x], return_tensors="pt")).logits[0, -1].double()
     logits[common.control_token_ids(tok)] = -float("inf")
@@ -185,8 +287,10 @@ def test_first_token_frequencies_match_the_model_softmax(policy, exact_sampler):
     firsts = [y["ids"][0] if y["ids"] else eos for y in res[0]]  # an empty y means EOS was drawn
     freq = torch.bincount(torch.tensor(firsts), minlength=len(want)).double() / n
     assert (freq[want == 0] == 0).all()
-    assert 2 < int((want > 0).sum()) < len(want)  # the nucleus is neither trivial nor the whole vocabulary
-    assert 0.5 * (freq - want).abs().sum() < 0.06  # total variation: noise ~0.03; T=1 gives 0.21, top_p=1 0.10
+    # the nucleus is neither trivial nor the whole vocabulary
+    assert 2 < int((want > 0).sum()) < len(want)
+    # total variation: noise ~0.03; T=1 gives 0.21, top_p=1 0.10
+    assert 0.5 * (freq - want).abs().sum() < 0.06
 
 
 @pytest.mark.parametrize("eos_bias", [-50.0, 3.0, 50.0])
@@ -194,16 +298,23 @@ def test_truncated_and_num_tokens_match_the_generated_ids(policy, eos_bias):
     model, tok = policy
     biased(model, tok, [tok.eos_token_id], eos_bias)
     calls = spy(model)
-    res = sample.generate_batched(model, tok, ["the cat sat on"], num_samples=64, max_new_tokens=8, progress=False,
-                                  min_new_tokens=0)
-    (input_ids, out), = calls
+    res = sample.generate_batched(
+        model,
+        tok,
+        ["the cat sat on"],
+        num_samples=64,
+        max_new_tokens=8,
+        progress=False,
+        min_new_tokens=0,
+    )
+    ((input_ids, out),) = calls
     ys = res[0]
     assert len(ys) == 64
-    for gen, y in zip(out[:, input_ids.shape[1]:].tolist(), ys):
+    for gen, y in zip(out[:, input_ids.shape[1] :].tolist(), ys):
         first = gen.index(tok.eos_token_id) if tok.eos_token_id in gen else None  # brute force
         assert y["truncated"] == (first is None)
         assert y["num_tokens"] == (8 if first is None else first)
-        assert y["generation"] == tok.decode(gen[:y["num_tokens"]], skip_special_tokens=True)
+        assert y["generation"] == tok.decode(gen[: y["num_tokens"]], skip_special_tokens=True)
     if eos_bias > 10:
         assert all(y == {"generation": "", "truncated": False, "num_tokens": 0} for y in ys)
     elif eos_bias < -10:
@@ -216,8 +327,15 @@ def test_truncated_and_num_tokens_match_the_generated_ids(policy, eos_bias):
 def test_eos_is_blocked_for_the_first_min_new_tokens(policy, min_new):
     model, tok = policy
     biased(model, tok, [tok.eos_token_id], 50.0)  # EOS wins every position it is allowed at
-    res = sample.generate_batched(model, tok, ["the cat", "a dog sat"], num_samples=16, max_new_tokens=8,
-                                  progress=False, min_new_tokens=min_new)
+    res = sample.generate_batched(
+        model,
+        tok,
+        ["the cat", "a dog sat"],
+        num_samples=16,
+        max_new_tokens=8,
+        progress=False,
+        min_new_tokens=min_new,
+    )
     assert all(y["num_tokens"] == min_new and not y["truncated"] for ys in res for y in ys)
     assert sample.MIN_NEW_TOKENS == 3  # the official toxicity sampler's minimum, the CLI default
 
@@ -227,14 +345,28 @@ def test_batched_greedy_equals_one_by_one_in_input_order(policy):
     scrambled(model)
     texts = tiny_texts(9)
     stats = {}
-    res = sample.generate_batched(model, tok, texts, num_samples=2, max_new_tokens=6, temperature=0, batch_size=4,
-                                  progress=False, stats=stats)
+    res = sample.generate_batched(
+        model,
+        tok,
+        texts,
+        num_samples=2,
+        max_new_tokens=6,
+        temperature=0,
+        batch_size=4,
+        progress=False,
+        stats=stats,
+    )
     want = []
     for t in texts:  # unpadded, one prompt at a time
         x = tok([t], return_tensors="pt")
-        out = model.generate(**x, do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id,
-                             suppress_tokens=common.control_token_ids(tok))
-        want.append(tok.decode(out[0, x["input_ids"].shape[1]:], skip_special_tokens=True))
+        out = model.generate(
+            **x,
+            do_sample=False,
+            max_new_tokens=6,
+            pad_token_id=tok.pad_token_id,
+            suppress_tokens=common.control_token_ids(tok),
+        )
+        want.append(tok.decode(out[0, x["input_ids"].shape[1] :], skip_special_tokens=True))
     assert [[y["generation"] for y in ys] for ys in res] == [[w, w] for w in want]
     assert len(set(want)) > 1  # otherwise the order check would not bite
     assert stats["batches"] == 3 and stats["pad_share"] < 0.2
@@ -255,11 +387,19 @@ def test_long_prompt_is_left_truncated_keeping_the_feedback(policy, capsys):
     long_x = " ".join(["the cat sat on the mat"] * 60)  # far beyond the 128-token context
     calls = spy(model)
     stats = {}
-    res = sample.generate_batched(model, tok, [common.condition(long_x, "kind"), "a dog"], num_samples=2,
-                                  max_new_tokens=20, batch_size=2, progress=False, stats=stats)
+    res = sample.generate_batched(
+        model,
+        tok,
+        [common.condition(long_x, "kind"), "a dog"],
+        num_samples=2,
+        max_new_tokens=20,
+        batch_size=2,
+        progress=False,
+        stats=stats,
+    )
     assert stats["prompts_truncated"] == 1 and len(res) == 2
     assert "1 of 2 inputs exceed 108 tokens" in capsys.readouterr().err
-    (input_ids, _), = calls
+    ((input_ids, _),) = calls
     assert input_ids.shape[1] == 108
     kept = tok.decode(input_ids[0])
     assert kept.startswith("kind" + SEPARATOR) and long_x.endswith(kept.split(SEPARATOR)[1])
@@ -272,8 +412,21 @@ def test_shard_merge_equals_unsharded_with_condition_pool(tiny_model_dir, tmp_pa
     prompts = write_prompts(tmp_path / "p.jsonl", texts)
     pool = tmp_path / "exemplars.json"
     pool.write_text(json.dumps(["Lowest Toxicity", "Low Toxicity", "Medium Toxicity"]))
-    base = ["--model", tiny_model_dir, "--prompts", prompts, "--num-samples", "2", "--max-new-tokens", "4",
-            "--condition-pool", str(pool), "--batch-size", "3", "--no-progress"]
+    base = [
+        "--model",
+        tiny_model_dir,
+        "--prompts",
+        prompts,
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--condition-pool",
+        str(pool),
+        "--batch-size",
+        "3",
+        "--no-progress",
+    ]
     full, merged = str(tmp_path / "full.jsonl"), str(tmp_path / "m.jsonl")
     assert run(base + ["--out", full]) == 0
     for i in (0, 2):
@@ -285,18 +438,34 @@ def test_shard_merge_equals_unsharded_with_condition_pool(tiny_model_dir, tmp_pa
     assert run(["--merge", merged]) == 0
     a, b = common.read_jsonl(full), common.read_jsonl(merged)
     keys = [(r["prompt_id"], r["sample_idx"]) for r in a]
-    assert keys == [(r["prompt_id"], r["sample_idx"]) for r in b] == [(i, j) for i in range(10) if i != 5
-                                                                       for j in range(2)]
+    assert (
+        keys
+        == [(r["prompt_id"], r["sample_idx"]) for r in b]
+        == [(i, j) for i in range(10) if i != 5 for j in range(2)]
+    )
     assert [(r["prompt"], r["condition"]) for r in a] == [(r["prompt"], r["condition"]) for r in b]
     assert set(b[0]) == KEYS and len({r["condition"] for r in a}) > 1
     capsys.readouterr()
     assert run(["--merge", merged]) == 0 and capsys.readouterr().out.startswith("done")
 
 
-def test_resume_skips_done_output_and_goes_on_from_finished_batches(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_resume_skips_done_output_and_goes_on_from_finished_batches(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
     prompts = write_prompts(tmp_path / "p.jsonl", tiny_texts(12))
-    argv = ["--model", tiny_model_dir, "--prompts", prompts, "--num-samples", "2", "--max-new-tokens", "5",
-            "--batch-size", "2", "--no-progress"]
+    argv = [
+        "--model",
+        tiny_model_dir,
+        "--prompts",
+        prompts,
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "5",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ]
     ref, out = str(tmp_path / "ref.jsonl"), str(tmp_path / "out.jsonl")
     assert run(argv + ["--out", ref]) == 0
     calls, orig = [], sample.sample_batch
@@ -306,6 +475,7 @@ def test_resume_skips_done_output_and_goes_on_from_finished_batches(tiny_model_d
         if len(calls) > 3:
             raise KeyboardInterrupt
         return orig(*a, **k)
+
     monkeypatch.setattr(sample, "sample_batch", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
         run(argv + ["--out", out])
@@ -326,14 +496,34 @@ def test_resume_skips_done_output_and_goes_on_from_finished_batches(tiny_model_d
 def test_sigkill_leaves_no_partial_output_and_rerun_resumes(tiny_model_dir, tmp_path, capsys):
     prompts = write_prompts(tmp_path / "p.jsonl", tiny_texts(40))
     out = str(tmp_path / "s.jsonl")
-    argv = ["--model", tiny_model_dir, "--prompts", prompts, "--out", out, "--num-samples", "1",
-            "--max-new-tokens", "5", "--batch-size", "1", "--no-progress"]
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), *argv], cwd=ROOT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    argv = [
+        "--model",
+        tiny_model_dir,
+        "--prompts",
+        prompts,
+        "--out",
+        out,
+        "--num-samples",
+        "1",
+        "--max-new-tokens",
+        "5",
+        "--batch-size",
+        "1",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "sample.py"), *argv],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(out + ".partial") and open(out + ".partial", "rb").read().count(b"\n") >= 3:
+        if (
+            os.path.exists(out + ".partial")
+            and open(out + ".partial", "rb").read().count(b"\n") >= 3
+        ):
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
@@ -348,41 +538,87 @@ def test_sigkill_leaves_no_partial_output_and_rerun_resumes(tiny_model_dir, tmp_
 
 def test_prompt_field_through_datasets_json_loader(tiny_model_dir, tmp_path):
     path = tmp_path / "rtp.jsonl"
-    path.write_text("".join(json.dumps({"id": f"r{i}", "prompt": {"text": t, "toxicity": 0.1}}) + "\n"
-                            for i, t in enumerate(["the cat", "a dog sat"])))
+    path.write_text(
+        "".join(
+            json.dumps({"id": f"r{i}", "prompt": {"text": t, "toxicity": 0.1}}) + "\n"
+            for i, t in enumerate(["the cat", "a dog sat"])
+        )
+    )
     out = str(tmp_path / "s.jsonl")
-    assert run(["--model", tiny_model_dir, "--prompts", str(path), "--prompt-field", "prompt.text", "--out", out,
-                "--num-samples", "1", "--max-new-tokens", "3", "--no-progress"]) == 0
-    assert [(r["prompt_id"], r["prompt"]) for r in common.read_jsonl(out)] == [("r0", "the cat"), ("r1", "a dog sat")]
+    assert (
+        run(
+            [
+                "--model",
+                tiny_model_dir,
+                "--prompts",
+                str(path),
+                "--prompt-field",
+                "prompt.text",
+                "--out",
+                out,
+                "--num-samples",
+                "1",
+                "--max-new-tokens",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert [(r["prompt_id"], r["prompt"]) for r in common.read_jsonl(out)] == [
+        ("r0", "the cat"),
+        ("r1", "a dog sat"),
+    ]
 
 
-@pytest.mark.parametrize("extra, files, message", [
-    (["--shard", "5/4"], {}, "expected i/n with 0 <= i < n"),
-    (["--shard", "1-4"], {}, "expected i/n"),
-    (["--top-p", "0"], {}, "--top-p must be in (0, 1]"),
-    (["--num-samples", "0"], {}, "--num-samples must be >= 1"),
-    (["--max-new-tokens", "128"], {}, "leaves no room for a prompt in the 128-token context"),
-    (["--condition", "a" + SEPARATOR + "b"], {}, "contains <|separator|>"),
-    (["--condition-pool", "{POOL}"], {"POOL": "[\"ok\", 3]"}, "expected a non-empty JSON list of non-empty strings"),
-    (["--condition-pool", "{POOL}"], {"POOL": "[\"ok\""}, "{POOL}:1: malformed JSON"),
-    ([], {"PROMPTS": ""}, "{PROMPTS}: file is empty"),
-    ([], {"PROMPTS": "{\"prompt\": \"ok\"}\n{\"prompt\": \n"}, "{PROMPTS}:2: malformed JSON"),
-    ([], {"PROMPTS": "{\"prompt\": \"\"}\n{\"prompt\": \" \"}\n"}, "all 2 prompts are empty"),
-    ([], {"PROMPTS": json.dumps({"prompt": "x" + SEPARATOR + "y"})}, "row 1: prompt contains the control token"),
-    (["--model", "{MISSING}/model"], {}, "cannot load model"),
-    (["--prompts", "{MISSING}/p.jsonl"], {}, "{MISSING}/p.jsonl: no such prompt file"),
-])
-def test_bad_input_is_one_clear_line_and_exit_code_2(tiny_model_dir, tmp_path, capsys, extra, files, message):
+@pytest.mark.parametrize(
+    "extra, files, message",
+    [
+        (["--shard", "5/4"], {}, "expected i/n with 0 <= i < n"),
+        (["--shard", "1-4"], {}, "expected i/n"),
+        (["--top-p", "0"], {}, "--top-p must be in (0, 1]"),
+        (["--num-samples", "0"], {}, "--num-samples must be >= 1"),
+        (["--max-new-tokens", "128"], {}, "leaves no room for a prompt in the 128-token context"),
+        (["--condition", "a" + SEPARATOR + "b"], {}, "contains <|separator|>"),
+        (
+            ["--condition-pool", "{POOL}"],
+            {"POOL": '["ok", 3]'},
+            "expected a non-empty JSON list of non-empty strings",
+        ),
+        (["--condition-pool", "{POOL}"], {"POOL": '["ok"'}, "{POOL}:1: malformed JSON"),
+        ([], {"PROMPTS": ""}, "{PROMPTS}: file is empty"),
+        ([], {"PROMPTS": '{"prompt": "ok"}\n{"prompt": \n'}, "{PROMPTS}:2: malformed JSON"),
+        ([], {"PROMPTS": '{"prompt": ""}\n{"prompt": " "}\n'}, "all 2 prompts are empty"),
+        (
+            [],
+            {"PROMPTS": json.dumps({"prompt": "x" + SEPARATOR + "y"})},
+            "row 1: prompt contains the control token",
+        ),
+        (["--model", "{MISSING}/model"], {}, "cannot load model"),
+        (["--prompts", "{MISSING}/p.jsonl"], {}, "{MISSING}/p.jsonl: no such prompt file"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_code_2(
+    tiny_model_dir, tmp_path, capsys, extra, files, message
+):
     paths = {name: str(tmp_path / name) for name in ("PROMPTS", "POOL", "MISSING")}
     for name, text in files.items():
         open(paths[name], "w").write(text)
     if "PROMPTS" not in files:
         write_prompts(paths["PROMPTS"], ["the cat sat"])
-    argv = ["--model", tiny_model_dir, "--prompts", paths["PROMPTS"], "--out", str(tmp_path / "s.jsonl"),
-            "--no-progress"] + [a.format(**paths) for a in extra]
+    argv = [
+        "--model",
+        tiny_model_dir,
+        "--prompts",
+        paths["PROMPTS"],
+        "--out",
+        str(tmp_path / "s.jsonl"),
+        "--no-progress",
+    ] + [a.format(**paths) for a in extra]
     assert run(argv) == 2
     err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]  # argparse prints its usage first; load_policy may print a loading bar
+    # argparse prints its usage first; load_policy may print a loading bar
+    last = err.strip().splitlines()[-1]
     assert "error: " in last and message.format(**paths) in last
     assert "Traceback" not in err and not os.path.exists(tmp_path / "s.jsonl")
 
