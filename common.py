@@ -132,6 +132,39 @@ def read_json(path, kind=dict):
     return value
 
 
+def _local_path(path):
+    """The real path of a local file or folder, or None for a Hub name (neither it nor its parent folder exists)."""
+    if os.path.exists(path) or os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        return os.path.realpath(path)
+    return None
+
+
+def refuse_overlap(outputs, inputs):
+    """Raise AltError when an output path is, holds or lies inside an input path. outputs, inputs: {flag: path, list
+    of paths or None}. Called before a stage writes or deletes anything, whatever --overwrite says."""
+
+    def pairs(flags):
+        for flag, paths in flags.items():
+            for path in [paths] if isinstance(paths, str) else paths or []:
+                real = _local_path(path)
+                if real is not None:
+                    yield flag, path, real
+
+    for out_flag, out, o in pairs(outputs):
+        for in_flag, inp, i in pairs(inputs):
+            if o == i:
+                raise AltError(
+                    f"{out_flag} and {in_flag} are the same path ({out}): an output may not replace "
+                    "an input"
+                )
+            if os.path.commonpath([o, i]) in (o, i):
+                inner, outer = ((out_flag, out), (in_flag, inp))[:: 1 if len(o) > len(i) else -1]
+                raise AltError(
+                    f"{inner[0]} {inner[1]} lies inside {outer[0]} {outer[1]}: an output may not "
+                    "overlap an input"
+                )
+
+
 def append_jsonl(fh, row):
     """Append one row to an open log and make it durable now (side files, LLM caches); read back with partial_ok."""
     fh.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -529,6 +529,16 @@ def sample_rows(args, summary, log, done, counts):
 
 def main(argv=None):
     args = parse_args(argv)
+    common.refuse_overlap(
+        {"--out": args.out},
+        {
+            "--model": args.model,
+            "--prompts": args.prompts if args.model else None,
+            "--generations": args.generations,
+            "--condition-pool": args.condition_pool,
+            "--fluency-model": None if args.fluency_model == "none" else args.fluency_model,
+        },
+    )
     eval_path, gen_path = (
         os.path.join(args.out, "eval.json"),
         os.path.join(args.out, "generations.jsonl"),

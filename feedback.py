@@ -54,6 +54,7 @@ from common import (
     quantile_token,
     read_json,
     read_jsonl,
+    refuse_overlap,
     write_json,
     write_jsonl,
 )
@@ -531,12 +532,19 @@ def main(argv=None):
                 f"bad {flag} value (quantiles, concurrency, attempts, batch >= 1; qps > 0; out *.jsonl)"
             )
     meta_out = meta_path(args.out)
+    lmu, out_dir = args.method == "alt-lmu", os.path.dirname(os.path.abspath(args.out))
+    judged = args.method in LLM_METHODS  # only the judge methods keep a cache
+    args.cache = (args.cache or os.path.join(out_dir, "llm_cache.jsonl")) if judged else None
+    outputs = {"--out": [args.out, meta_out] + ([os.path.join(out_dir, "exemplars.json")] * lmu)}
+    # the cache is read and appended to: an output to the inputs, an input to --out
+    refuse_overlap(
+        {**outputs, "--cache": args.cache},
+        {"--samples": args.samples, "--pool": args.pool, "--prompt-template": args.prompt_template},
+    )
+    refuse_overlap(outputs, {"--cache": args.cache})
     if not args.overwrite and os.path.exists(args.out) and os.path.exists(meta_out):
         print(f"done: {args.out} exists (--overwrite to redo)")
         return
-    if args.pool and os.path.abspath(args.pool) == os.path.abspath(args.out):
-        raise AltError("--out must differ from --pool")
-    lmu, out_dir = args.method == "alt-lmu", os.path.dirname(os.path.abspath(args.out))
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
     if args.method == "steerlm" and categories != HH_CATEGORIES:
         raise AltError(
@@ -612,7 +620,6 @@ def main(argv=None):
             raise AltError(
                 "set OPENAI_API_KEY in the environment, or --base-url for a local server"
             )
-        args.cache = args.cache or os.path.join(out_dir, "llm_cache.jsonl")
         args.max_tokens = args.max_tokens or (256 if lmu else 16)
         parse = parse_unconstrained if lmu else lambda reply: parse_category(reply, categories)
         answers, stats = ask_judge(

@@ -467,6 +467,10 @@ def main(argv=None):
         return merge(args.merge, args.overwrite)
     out = args.out if args.shard is None else f"{args.out}.shard-{args.shard[0]}-of-{args.shard[1]}"
     side = out + ".partial"  # finished batches of a run in progress, for resume
+    common.refuse_overlap(
+        {"--out": [out, side]},
+        {"--prompts": args.prompts, "--model": args.model, "--condition-pool": args.condition_pool},
+    )
     if os.path.exists(out) and not args.overwrite:
         print(f"done: {out} exists (--overwrite to redo)")
         return

@@ -438,6 +438,11 @@ def deepspeed_engine(path, model, optimizer, scheduler, want, bf16):
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
+    # --overwrite deletes parts of --out: no input may be, hold or lie inside it
+    common.refuse_overlap(
+        {"--out": args.out},
+        {"--data": args.data, "--model": args.model, "--ref-model": args.ref_model},
+    )
     summary_path, log_path = (
         os.path.join(args.out, n) for n in ("train_summary.json", "train_log.jsonl")
     )

@@ -199,6 +199,11 @@ def main(argv=None):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # torchrun would start N copies racing on one --out
         raise AltError("dpo.py runs in one process: use alt_loop.py --launcher python")
+    # --overwrite deletes parts of --out: no input may be, hold or lie inside it
+    common.refuse_overlap(
+        {"--out": args.out},
+        {"--data": args.data, "--model": args.model, "--ref-model": args.ref_model},
+    )
     summary_path, log_path = (
         os.path.join(args.out, n) for n in ("train_summary.json", "train_log.jsonl")
     )

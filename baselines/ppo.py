@@ -444,6 +444,11 @@ def evaluate_all(args):
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
+    # --overwrite deletes parts of --out: no input may be, hold or lie inside it
+    common.refuse_overlap(
+        {"--out": args.out},
+        {"--model": args.model, "--prompts": args.prompts, "--eval-prompts": args.eval_prompts},
+    )
     done_path, log_path = (
         os.path.join(args.out, "ppo_summary.json"),
         os.path.join(args.out, "ppo_log.jsonl"),

@@ -808,3 +808,114 @@ def test_evaluate_counts_perspective_faults_and_nulls(tmp_path, monkeypatch):
         res["counts"]["n_scores_null"] == 1 and res["counts"]["scorer_errors"]["http_500"] == 1 + 4
     )
     assert res["avg_max_toxicity"] == pytest.approx(0.1) and res["n_prompts"] == 2
+
+
+# ============================================================================= outputs never clobber inputs
+def snapshot(path):
+    """Every byte under a file or folder, to check an input is left exactly as it was."""
+    if os.path.isfile(path):
+        return open(path, "rb").read()
+    return {
+        os.path.relpath(os.path.join(root, f), path): open(os.path.join(root, f), "rb").read()
+        for root, _, files in os.walk(path)
+        for f in files
+    }
+
+
+def overlap_case(case, tmp, tiny_model_dir):
+    """(stage, argv, the input that must stay unchanged, the error after 'error: ')."""
+    model = str(tmp / "m")
+    shutil.copytree(tiny_model_dir, model)  # a copy: the old code wrote into the model it read
+    pool = jsonl(tmp / "pool.jsonl", pool_rows(8))
+    common.write_json(feedback.meta_path(pool), {"method": "alt-rm", "tags": ["A", "B", "C"]})
+    samples = jsonl(tmp / "s.jsonl", sample_file_rows(["a", "b", "c", "d", "e", "f"]))
+    prompts = jsonl(tmp / "p.jsonl", [{"prompt": "the cat"}, {"prompt": "a dog"}])
+    fb = ["--method", "alt-rm", "--quantiles", "2", "--tags", "a,b"]
+    same = "{} and {} are the same path ({}): an output may not replace an input"
+    inside = "{} {} lies inside {} {}: an output may not overlap an input"
+    if case == "train --out = --model":
+        argv = ["--data", pool, "--model", model, "--out", model, "--batch-size", "4"]
+        return "train", argv, model, same.format("--out", "--model", model)
+    if case == "train --out inside --model":
+        out = os.path.join(model, "ft")
+        argv = ["--data", pool, "--model", model, "--out", out, "--batch-size", "4"]
+        return "train", argv, model, inside.format("--out", out, "--model", model)
+    if case == "train --out = --ref-model":
+        out = str(tmp / "ref")
+        shutil.copytree(model, out)
+        argv = ["--data", pool, "--model", model, "--ref-model", out, "--out", out]
+        return "train", argv, out, same.format("--out", "--ref-model", out)
+    if case == "train --model inside --out --overwrite":
+        out, inner = str(tmp / "run"), str(tmp / "run" / "checkpoint")
+        shutil.copytree(model, inner)
+        argv = ["--data", pool, "--model", inner, "--out", out, "--overwrite", "--batch-size", "4"]
+        return "train", argv, inner, inside.format("--model", inner, "--out", out)
+    if case == "sample --out = --prompts":
+        argv = ["--model", model, "--prompts", prompts, "--out", prompts, "--max-new-tokens", "2"]
+        return "sample", argv, prompts, same.format("--out", "--prompts", prompts)
+    if case == "sample --out = --prompts --overwrite":
+        argv = ["--model", model, "--prompts", prompts, "--out", prompts, "--overwrite"]
+        return "sample", argv, prompts, same.format("--out", "--prompts", prompts)
+    if case == "feedback --out = --pool":
+        argv = [*fb, "--samples", samples, "--pool", pool, "--out", pool]
+        return "feedback", argv, pool, same.format("--out", "--pool", pool)
+    if case == "feedback --out = --samples":
+        argv = [*fb, "--samples", samples, "--out", samples]
+        return "feedback", argv, samples, same.format("--out", "--samples", samples)
+    if case == "evaluate --generations inside --out":
+        (tmp / "ev").mkdir()
+        gens = jsonl(tmp / "ev" / "generations.jsonl", sample_file_rows(["a", "b"]))
+        argv = ["--generations", gens, "--out", str(tmp / "ev"), "--fluency-model", "none"]
+        return "evaluate", argv, gens, inside.format("--generations", gens, "--out", tmp / "ev")
+    if case == "dpo --out = --model":
+        argv = ["--data", pool, "--model", model, "--out", model, "--batch-size", "1"]
+        return "baselines.dpo", argv, model, same.format("--out", "--model", model)
+    if case == "ppo --prompts inside --out --overwrite":
+        (tmp / "run").mkdir()
+        inner = jsonl(tmp / "run" / "ppo_prompts.jsonl", [{"prompt": "the cat"}] * 4)
+        argv = ["--model", model, "--prompts", inner, "--out", str(tmp / "run"), "--overwrite"]
+        return "baselines.ppo", argv, inner, inside.format("--prompts", inner, "--out", tmp / "run")
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "train --out = --model",
+        "train --out inside --model",
+        "train --out = --ref-model",
+        "train --model inside --out --overwrite",
+        "sample --out = --prompts",
+        "sample --out = --prompts --overwrite",
+        "feedback --out = --pool",
+        "feedback --out = --samples",
+        "evaluate --generations inside --out",
+        "dpo --out = --model",
+        "ppo --prompts inside --out --overwrite",
+    ],
+)
+def test_outputs_never_clobber_inputs(case, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    stage, argv, watched, want = overlap_case(case, tmp_path, tiny_model_dir)
+    before = snapshot(watched)
+    code, out, err = run_cli(stage, argv, monkeypatch, capsys)
+    assert (code, err.strip().split(": error: ", 1)[-1]) == (2, want), out
+    assert len(err.strip().splitlines()) == 1 and "done" not in out
+    assert snapshot(watched) == before
+
+
+def test_refuse_overlap_ignores_hub_names_and_sibling_paths(tmp_path):
+    (tmp_path / "out").mkdir()
+    common.refuse_overlap(
+        {"--out": [str(tmp_path / "out"), str(tmp_path / "pool.jsonl")]},
+        {
+            "--model": "no-such-org/no-such-model",  # a Hub name: its parent folder does not exist
+            "--ref-model": str(tmp_path / "out2"),
+            "--pool": str(tmp_path / "pool.jsonl.old"),
+            "--prompts": None,
+        },
+    )
+    os.symlink(tmp_path / "out", tmp_path / "link")
+    with pytest.raises(common.AltError, match=r"^--data .*link.* lies inside --out "):
+        common.refuse_overlap(
+            {"--out": str(tmp_path / "out")}, {"--data": str(tmp_path / "link" / "d.jsonl")}
+        )
