@@ -29,6 +29,9 @@ import sys
 import tempfile
 
 SEPARATOR = "<|separator|>"
+# the umask can only be read by setting it: once, at import, as setting it later would race with threads making files
+UMASK = os.umask(0)
+os.umask(UMASK)
 
 
 def quantile_token(k):  # Quark's k-th reward-quantile control token (k=0: the best quantile)
@@ -95,6 +98,8 @@ def atomic_open(path, mode="w"):
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh
             fh.flush()
+            # mkstemp makes 0600: give the file the mode open() would
+            os.fchmod(fh.fileno(), 0o666 & ~UMASK)
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:

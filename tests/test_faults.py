@@ -919,3 +919,32 @@ def test_refuse_overlap_ignores_hub_names_and_sibling_paths(tmp_path):
         common.refuse_overlap(
             {"--out": str(tmp_path / "out")}, {"--data": str(tmp_path / "link" / "d.jsonl")}
         )
+
+
+# ============================================================================= file modes
+def test_outputs_honour_the_umask(tmp_path):
+    """Outputs get 0666 & ~umask, as open() gives, not mkstemp's 0600 (a shared run folder stays readable)."""
+    shard = sample_file_rows(["a", "b"])
+    for r in shard:
+        r["prompt_index"] = r["prompt_id"]
+    jsonl(tmp_path / "s.jsonl.shard-0-of-1", shard)
+    gens = jsonl(
+        tmp_path / "g.jsonl",
+        [{"prompt_id": 0, "prompt": "a", "generation": " b", "toxicity": 0.1}],
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for argv in (
+        ["sample.py", "--merge", str(tmp_path / "s.jsonl")],
+        ["evaluate.py", "--generations", gens, "--out", str(tmp_path / "ev")]
+        + ["--fluency-model", "none", "--no-progress"],
+    ):
+        proc = subprocess.run(
+            [sys.executable, *argv], cwd=ROOT, env=env, umask=0o022, capture_output=True
+        )
+        assert proc.returncode == 0, proc.stderr
+    for path in (
+        tmp_path / "s.jsonl",
+        tmp_path / "ev" / "eval.json",
+        tmp_path / "ev" / "generations.jsonl",
+    ):
+        assert oct(os.stat(path).st_mode & 0o777) == oct(0o644), path
