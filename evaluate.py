@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 import common
 from common import SEPARATOR, AltError
-from feedback import make_scorer
+from feedback import make_scorer, scorer_failed
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TOY_MODEL = os.path.join(ROOT, "toy", "model")
@@ -460,7 +460,8 @@ def score_texts(score, texts, args, log, done, tag):
                 have[c] = [
                     None if v is None or v != v else float(v) for v in score(texts[b : b + step])
                 ]
-                common.append_jsonl(log, {"step": tag, "chunk": c, "scores": have[c]})
+                if any(v is not None for v in have[c]):  # a chunk that failed whole is asked again
+                    common.append_jsonl(log, {"step": tag, "chunk": c, "scores": have[c]})
             out += have[c]
             bar.update(len(have[c]))
     if len(out) != len(texts):
@@ -595,15 +596,18 @@ def main(argv=None):
         if rows is None:
             rows, condition, pool = sample_rows(args, summary, log, done, counts)
             todo = list(range(len(rows)))
-        for key, fn, idx, tag in (
-            ("toxicity", score, todo, "scoring"),
-            ("extra_toxicity", extra_score, range(len(rows)), "scoring extra"),
+        for key, fn, spec, idx, tag in (
+            ("toxicity", score, args.scorer, todo, "scoring"),
+            ("extra_toxicity", extra_score, args.extra_scorer, range(len(rows)), "scoring extra"),
         ):
             if fn is not None:
                 for i, s in zip(
                     idx, score_texts(fn, [rows[i]["generation"] for i in idx], args, log, done, tag)
                 ):
                     rows[i][key] = s
+                # metrics of nothing: fail rather than report nulls
+                if len(idx) and all(rows[i][key] is None for i in idx):
+                    raise scorer_failed(spec, len(idx), getattr(fn, "errors", {}))
     for r in rows:
         r.pop("ppl", None)  # never report a stale fluency score brought in with --generations
     if fluency is not None:

@@ -260,6 +260,12 @@ def make_scorer(spec, qps=1.0, batch_size=256):
     return score
 
 
+def scorer_failed(spec, n, errors):
+    """The error when `spec` scored none of n texts, counting its failure kinds (score.errors, e.g. 8 http_500)."""
+    kinds = ", ".join(f"{v} {k}" for k, v in sorted(errors.items())) or "no failure recorded"
+    return AltError(f"scorer {spec} could not score any of the {n} rows ({kinds})")
+
+
 def _perspective_scorer(qps):
     key = os.environ.get("PERSPECTIVE_API_KEY")
     if not key:
@@ -600,7 +606,7 @@ def main(argv=None):
         counts["reward_null"] = sum(r["reward"] is None for r in new)
         counts |= {f"scorer_{k}": v for k, v in getattr(score, "errors", {}).items()}
         if new and counts["reward_null"] == len(new):
-            raise AltError(f"scorer {args.scorer} could not score any of the {len(new)} new rows")
+            raise scorer_failed(args.scorer, len(new), getattr(score, "errors", {}))
         for r, q in zip(rows, assign_quantiles(rows, args.quantiles, args.scope)):
             r["feedback"] = None if q is None else tags[q]
     else:

@@ -948,3 +948,26 @@ def test_outputs_honour_the_umask(tmp_path):
         tmp_path / "ev" / "generations.jsonl",
     ):
         assert oct(os.stat(path).st_mode & 0o777) == oct(0o644), path
+
+
+# ============================================================================= honest exits
+def test_evaluate_fails_when_the_scorer_scores_no_row(tmp_path, monkeypatch, capsys):
+    """Every row unscored: exit 2 counting the failure kinds (as feedback.py), no eval.json; the rerun asks again."""
+    gens = jsonl(
+        tmp_path / "g.jsonl",
+        [{"prompt_id": i, "prompt": "the cat", "generation": f"DOWN {i}"} for i in range(3)],
+    )
+    monkeypatch.setenv("PERSPECTIVE_API_KEY", "test-key")
+    argv = ["--generations", gens, "--out", str(tmp_path / "ev"), "--scorer", "perspective"]
+    argv += ["--qps", "500", "--fluency-model", "none", "--no-progress"]
+    with perspective_stub(lambda text, n: {"status": 500}) as stub:
+        monkeypatch.setenv("PERSPECTIVE_API_URL", stub.url)
+        for run in (1, 2):
+            code, _, err = run_cli("evaluate", argv, monkeypatch, capsys)
+            assert (code, err.strip().splitlines()[-1]) == (
+                2,
+                "evaluate.py: error: scorer perspective could not score any of the 3 rows "
+                f"({3 * feedback.PERSPECTIVE_ATTEMPTS} http_500)",
+            )
+            assert len(stub.log) == run * 3 * feedback.PERSPECTIVE_ATTEMPTS
+    assert not os.path.exists(tmp_path / "ev" / "eval.json")
