@@ -21,8 +21,10 @@ Conditioning template (the single source, used by sample, train and evaluate):
     condition(x, f) = f + "<|separator|>" + x        (x alone when f is None)
 """
 
+import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import sys
@@ -51,7 +53,30 @@ def cli(main):
         sys.exit(2)
 
 
+def finite(lo=None, hi=None, kind=float, strict=False):
+    """An argparse type: a finite `kind` >= lo (> lo when strict) and <= hi; else the flag's one-line usage error."""
+    bounds = [f"{'>' if strict else '>='} {lo}"] if lo is not None else []
+    bounds += [f"<= {hi}"] if hi is not None else []
+    what = "an integer" if kind is int else "a finite number"
+    need = f"must be {what} {' and '.join(bounds)}".rstrip()
+
+    def parse(text):
+        value = kind(text)  # a ValueError is argparse's own "invalid float value: 'x'"
+        low = lo is not None and (value <= lo if strict else value < lo)
+        if not math.isfinite(value) or low or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{need}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 # ----------------------------------------------------------------------------- JSONL I/O
+def malformed_json(where, e):
+    # some of json's messages end in " at" ("Unterminated string starting at"): the column completes them
+    return AltError(f"{where}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
+
+
 def read_jsonl(path, required=(), allow_empty=False, partial_ok=False):
     """Read a JSONL file; errors name file:line and the key. partial_ok drops a torn last line (append logs)."""
     try:
@@ -73,7 +98,7 @@ def read_jsonl(path, required=(), allow_empty=False, partial_ok=False):
             if partial_ok and i >= len(lines) - 1:
                 # a crash mid-append leaves at most one torn final line
                 break
-            raise AltError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno})") from None
+            raise malformed_json(f"{path}:{i}", e) from None
         if not isinstance(row, dict):
             raise AltError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
         for key in required:
@@ -126,7 +151,7 @@ def read_json(path, kind=dict):
     except OSError as e:
         raise AltError(f"{path}: cannot read ({e.strerror})") from None
     except json.JSONDecodeError as e:
-        raise AltError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        raise malformed_json(f"{path}:{e.lineno}", e) from None
     except UnicodeDecodeError as e:
         raise AltError(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x})") from None
     if not isinstance(value, kind):

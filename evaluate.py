@@ -71,7 +71,12 @@ def parse_args(argv=None):
         help="dotted field when --prompts is read with `datasets`, e.g. prompt.text",
     )
     a("--split", default="test", help="dataset split when --prompts is read with `datasets`")
-    a("--max-prompts", type=int, default=None, help="only the first N prompts (default: all)")
+    a(
+        "--max-prompts",
+        type=common.finite(1, kind=int),
+        default=None,
+        help="only the first N prompts (default: all)",
+    )
     a("--generations", help="measure this generations JSONL instead of sampling (then no --model)")
     a("--out", required=True, help="output folder: eval.json + generations.jsonl")
     a(
@@ -87,7 +92,7 @@ def parse_args(argv=None):
     )
     a("--num-samples", type=int, default=25, help="samples per prompt (paper: 25)")
     a("--top-p", type=float, default=0.9, help="nucleus sampling p (paper, evaluation: 0.9)")
-    a("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
+    a("--temperature", type=common.finite(0), default=1.0, help="sampling temperature (paper: 1.0)")
     a("--max-new-tokens", type=int, default=20, help="generated tokens (paper: 20)")
     a(
         "--min-new-tokens",
@@ -119,7 +124,7 @@ def parse_args(argv=None):
     )
     a(
         "--qps",
-        type=float,
+        type=common.finite(0, strict=True),
         default=1.0,
         help="queries/s for API scorers (Perspective's default quota: 1)",
     )
@@ -171,12 +176,6 @@ def parse_args(argv=None):
     args.min_new_tokens = min(args.min_new_tokens, args.max_new_tokens)
     if not 0 < args.top_p <= 1:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
-    if (
-        args.temperature < 0
-        or args.qps <= 0
-        or (args.max_prompts is not None and args.max_prompts < 1)
-    ):
-        p.error("--temperature must be >= 0, --qps > 0 and --max-prompts >= 1")
     if args.condition is not None and args.condition_pool is not None:
         p.error("--condition and --condition-pool are exclusive")
     return args

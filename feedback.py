@@ -51,6 +51,7 @@ from common import (
     AltError,
     append_jsonl,
     cli,
+    finite,
     quantile_token,
     read_json,
     read_jsonl,
@@ -163,15 +164,15 @@ p(
 )
 p(
     "--max-retries",
-    type=int,
+    type=finite(0, kind=int),
     default=3,
     help="openai client retries on 429 / 5xx / timeouts, with backoff",
 )
-p("--timeout", type=float, default=60.0, help="seconds per judge request")
-p("--temperature", type=float, default=0.0, help="judge temperature (paper: 0)")
+p("--timeout", type=finite(0, strict=True), default=60.0, help="seconds per judge request")
+p("--temperature", type=finite(0), default=0.0, help="judge temperature (paper: 0)")
 p(
     "--max-tokens",
-    type=int,
+    type=finite(1, kind=int),
     default=None,
     help="judge reply tokens (default: 16 for categories, 256 for alt-lmu)",
 )

@@ -94,7 +94,7 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--temperature",
-        type=float,
+        type=common.finite(0),
         default=TEMPERATURE,
         help="sampling temperature (paper: 1.0; 0 = greedy, every sample identical)",
     )
@@ -162,8 +162,6 @@ def parse_args(argv=None):
     args.min_new_tokens = min(args.min_new_tokens, args.max_new_tokens)
     if not 0.0 < args.top_p <= 1.0:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {args.temperature}")
     if args.condition is not None and args.condition_pool is not None:
         p.error("--condition and --condition-pool are exclusive")
     return args

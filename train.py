@@ -57,11 +57,14 @@ def parse_args(argv=None):
     )
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument(
-        "--beta", type=float, default=0.05, help="KL coefficient β (paper, toxicity: 0.05)"
+        "--beta",
+        type=common.finite(0),
+        default=0.05,
+        help="KL coefficient β (paper, toxicity: 0.05)",
     )
     p.add_argument(
         "--alpha",
-        type=float,
+        type=common.finite(),
         default=0.06,
         help="entropy-bonus coefficient α (paper, toxicity: 0.06)",
     )
@@ -73,18 +76,35 @@ def parse_args(argv=None):
         default=1,
         help="micro-batches per step; global = batch × accum × world",
     )
-    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (paper: Adam, 1e-5)")
-    p.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon (paper: 1e-8)")
     p.add_argument(
-        "--weight-decay", type=float, default=0.0, help="AdamW weight decay (paper: plain Adam, 0)"
+        "--lr",
+        type=common.finite(0, strict=True),
+        default=1e-5,
+        help="AdamW learning rate (paper: Adam, 1e-5)",
+    )
+    p.add_argument(
+        "--adam-eps",
+        type=common.finite(0, strict=True),
+        default=1e-8,
+        help="Adam epsilon (paper: 1e-8)",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=common.finite(0),
+        default=0.0,
+        help="AdamW weight decay (paper: plain Adam, 0)",
     )
     p.add_argument(
         "--warmup-ratio",
-        type=float,
+        type=common.finite(0, 1),
         default=0.05,
         help="linear-warmup share of steps (paper: linear)",
     )
-    p.add_argument("--max-grad-norm", type=float, help="clip the gradient norm (paper: none)")
+    p.add_argument(
+        "--max-grad-norm",
+        type=common.finite(0, strict=True),
+        help="clip the gradient norm (paper: none)",
+    )
     p.add_argument(
         "--per-category",
         type=int,
@@ -103,16 +123,18 @@ def parse_args(argv=None):
         "--max-samples", type=int, help="random subset of N rows after filtering (paper: all)"
     )
     p.add_argument(
-        "--target-kl", type=float, help="adapt β to keep the per-token KL near this (paper: fixed)"
+        "--target-kl",
+        type=common.finite(0, strict=True),
+        help="adapt β to keep the per-token KL near this (paper: fixed)",
     )
     p.add_argument(
         "--target-entropy",
-        type=float,
+        type=common.finite(0, strict=True),
         help="adapt α to keep the token entropy near this (paper: fixed)",
     )
     p.add_argument(
         "--controller-rate",
-        type=float,
+        type=common.finite(0, strict=True),
         default=0.1,
         help="log-step of the adaptive β/α controllers",
     )
@@ -150,11 +172,9 @@ def parse_args(argv=None):
     for name in ("epochs", "batch_size", "grad_accum", "save_every", "per_category", "max_samples"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not (a.lr > 0 and a.beta >= 0 and math.isfinite(a.alpha) and 0 <= a.warmup_ratio <= 1):
-        p.error("need --lr > 0, --beta >= 0, a finite --alpha and 0 <= --warmup-ratio <= 1")
     for target, coef, name in ((a.target_kl, a.beta, "kl"), (a.target_entropy, a.alpha, "entropy")):
-        if target is not None and not (target > 0 and coef > 0):
-            p.error(f"--target-{name} must be > 0 and needs its coefficient (β or α) > 0")
+        if target is not None and not coef > 0:
+            p.error(f"--target-{name} needs its coefficient (β or α) > 0")
     return a
 
 

@@ -173,7 +173,7 @@ def test_read_json_errors_name_the_file_and_line(tmp_path):
         (
             "bad.json",
             b'{\n  "a": 1,\n  "b": \n}',
-            r"bad\.json:4: malformed JSON \(Expecting value\)",
+            r"bad\.json:4: malformed JSON \(Expecting value",
         ),
         ("latin1.json", b'{"a": "caf\xe9"}', r"latin1\.json: not valid UTF-8 \(byte 0xe9\)"),
         ("list.json", b"[1, 2]", r"list\.json: expected a JSON object, got list"),
