@@ -164,7 +164,7 @@ def read_json(path, kind=dict):
 
 def _local_path(path):
     """The real path of a local file or folder, or None for a Hub name (neither it nor its parent folder exists)."""
-    if os.path.exists(path) or os.path.isdir(os.path.dirname(os.path.abspath(path))):
+    if path and (os.path.exists(path) or os.path.isdir(os.path.dirname(os.path.abspath(path)))):
         return os.path.realpath(path)
     return None
 

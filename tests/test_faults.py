@@ -903,7 +903,8 @@ def test_outputs_never_clobber_inputs(case, tiny_model_dir, tmp_path, monkeypatc
     assert snapshot(watched) == before
 
 
-def test_refuse_overlap_ignores_hub_names_and_sibling_paths(tmp_path):
+def test_refuse_overlap_ignores_hub_names_and_sibling_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "out").mkdir()
     common.refuse_overlap(
         {"--out": [str(tmp_path / "out"), str(tmp_path / "pool.jsonl")]},
@@ -912,6 +913,7 @@ def test_refuse_overlap_ignores_hub_names_and_sibling_paths(tmp_path):
             "--ref-model": str(tmp_path / "out2"),
             "--pool": str(tmp_path / "pool.jsonl.old"),
             "--prompts": None,
+            "--condition-pool": "",  # not the current folder, which holds --out
         },
     )
     os.symlink(tmp_path / "out", tmp_path / "link")
