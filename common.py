@@ -31,7 +31,7 @@ import sys
 import tempfile
 
 SEPARATOR = "<|separator|>"
-# the umask can only be read by setting it: once, at import, as setting it later would race with threads making files
+# os.umask reads it only by setting it: once, here, as later it would race with threads making files
 UMASK = os.umask(0)
 os.umask(UMASK)
 
@@ -188,7 +188,9 @@ def refuse_overlap(outputs, inputs):
                     "an input"
                 )
             if os.path.commonpath([o, i]) in (o, i):
-                inner, outer = ((out_flag, out), (in_flag, inp))[:: 1 if len(o) > len(i) else -1]
+                inner, outer = (out_flag, out), (in_flag, inp)
+                if len(o) < len(i):  # the shorter path holds the other
+                    inner, outer = outer, inner
                 raise AltError(
                     f"{inner[0]} {inner[1]} lies inside {outer[0]} {outer[1]}: an output may not "
                     "overlap an input"

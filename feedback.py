@@ -540,9 +540,10 @@ def main(argv=None):
             )
     meta_out = meta_path(args.out)
     lmu, out_dir = args.method == "alt-lmu", os.path.dirname(os.path.abspath(args.out))
+    exemplars = os.path.join(out_dir, "exemplars.json")  # alt-lmu's f̂ list
     judged = args.method in LLM_METHODS  # only the judge methods keep a cache
     args.cache = (args.cache or os.path.join(out_dir, "llm_cache.jsonl")) if judged else None
-    outputs = {"--out": [args.out, meta_out] + ([os.path.join(out_dir, "exemplars.json")] * lmu)}
+    outputs = {"--out": [args.out, meta_out] + ([exemplars] if lmu else [])}
     # the cache is read and appended to: an output to the inputs, an input to --out
     refuse_overlap(
         {**outputs, "--cache": args.cache},
@@ -584,7 +585,7 @@ def main(argv=None):
     rows = pool + new
     counts = {"pool_rows": len(pool), "new_rows": len(new), "rows": len(rows)}
     # f̂: the best tag, or alt-lmu's list
-    exemplar = tags[0] if tags else os.path.join(out_dir, "exemplars.json")
+    exemplar = tags[0] if tags else exemplars
     llm = None
 
     if args.method in QUANTILE_METHODS:

@@ -862,6 +862,10 @@ def overlap_case(case, tmp, tiny_model_dir):
     if case == "feedback --out = --samples":
         argv = [*fb, "--samples", samples, "--out", samples]
         return "feedback", argv, samples, same.format("--out", "--samples", samples)
+    if case == "feedback --cache = --samples":
+        argv = ["--method", "alt-lmc", "--samples", samples, "--out", str(tmp / "o.jsonl")]
+        argv += ["--cache", samples, "--base-url", "http://127.0.0.1:9/v1", "--max-retries", "0"]
+        return "feedback", argv, samples, same.format("--cache", "--samples", samples)
     if case == "evaluate --generations inside --out":
         (tmp / "ev").mkdir()
         gens = jsonl(tmp / "ev" / "generations.jsonl", sample_file_rows(["a", "b"]))
@@ -889,6 +893,7 @@ def overlap_case(case, tmp, tiny_model_dir):
         "sample --out = --prompts --overwrite",
         "feedback --out = --pool",
         "feedback --out = --samples",
+        "feedback --cache = --samples",
         "evaluate --generations inside --out",
         "dpo --out = --model",
         "ppo --prompts inside --out --overwrite",
