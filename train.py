@@ -21,6 +21,8 @@ Launch:
 Token layout: each prefix (condition(x, f) for p_θ, x alone for p_0) and y are tokenised apart and concatenated, so
 y's ids are identical in both encodings. A batch left-pads the prefixes and right-pads y: y starts in the same column
 P of every row, and one [B, R] response mask serves both models.
+Reading order: the flags, the data pieces, Equation 1, then main and its loop; the bookkeeping below main (output
+folder, launchers, log, summary, resume checkpoints) can be skipped.
 """
 
 import argparse
@@ -179,11 +181,14 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- data: D_k -> token ids
-def read_meta(pool):
+def read_meta(pool, expect_method=None):
+    """POOL's sidecar meta ({} when absent): method, tags (the feedback vocabulary), exemplar."""
     path = meta_path(pool)
     meta = common.read_json(path) if os.path.exists(path) else {}
     if not isinstance(meta.get("tags") or [], list):
         raise AltError(f"{path}: 'tags' must be a list")
+    if expect_method and meta.get("method") != expect_method:
+        raise AltError(f"{path}: pool method {meta.get('method')!r}, expected {expect_method!r}")
     return meta
 
 
@@ -320,6 +325,29 @@ def plan_epoch(examples, global_batch, epoch, seed, window=4):
     return batches
 
 
+def micro_batches(examples, batch, rank, B, A, pad_id):
+    """This rank's share of one global batch -> its A micro-batches of B rows, each a pair (p_θ's batch:
+    condition(x, f) + y, p_0's batch: x + y); without p_0 (β = 0: no "ref_prefix") the pair holds p_θ's twice."""
+    mine = [examples[i] for i in batch[rank * B * A : (rank + 1) * B * A]]
+    micro = [mine[j * B : (j + 1) * B] for j in range(A)]
+    pol = [collate([(e["prefix"], e["response"]) for e in m], pad_id) for m in micro]
+    if "ref_prefix" not in mine[0]:
+        return list(zip(pol, pol))
+    refs = [collate([(e["ref_prefix"], e["response"]) for e in m], pad_id) for m in micro]
+    return list(zip(pol, refs))
+
+
+def token_counts(micro):
+    """One rank's micro-batches -> (response tokens, input tokens, padding slots, all slots)."""
+    masks = [p["attention_mask"] for p, _ in micro]
+    return (
+        sum(p["resp_mask"].sum().item() for p, _ in micro),
+        sum(m.sum().item() for m in masks),
+        sum(int((m == 0).sum()) for m in masks),
+        sum(m.numel() for m in masks),
+    )
+
+
 # ----------------------------------------------------------------------------- Equation 1
 def response_logits(model, batch, vocab=None):
     """Logits predicting each response token y_t from (prefix, y<t): [B, R, V] (lm head applied from column P-1 on).
@@ -356,7 +384,401 @@ def alt_loss(logits, ref_logits, targets, resp_mask):
     return nll, kl, entropy
 
 
+def sampled_vocab(model, tok, name):
+    """The V of Equation 1 -> how many leading vocabulary columns to keep (None: all). NLL, KL and H are taken over the
+    tokens sampling can draw: ALT's control tokens (the separator, Quark's quantiles) are added last to the vocabulary
+    and suppressed by sample.py, so their columns are dropped."""
+    control = common.control_token_ids(tok)
+    last = list(range(len(tok) - len(control), len(tok)))
+    if control != last or model.config.vocab_size != len(tok):
+        raise AltError(
+            f"{name}: ALT's control tokens must be the last {len(control)} of {len(tok)} ids"
+        )
+    return control[0] if control else None
+
+
+def adapt(args, beta, alpha, kl, ent):
+    """Optional adaptive β and α for the next step (the paper keeps both fixed): clipped multiplicative steps toward
+    --target-kl and --target-entropy (Ziegler et al.'s KL rule), from this step's per-token KL and entropy."""
+    if args.target_kl:
+        beta *= math.exp(args.controller_rate * max(-0.2, min(0.2, kl / args.target_kl - 1)))
+    if args.target_entropy:
+        alpha *= math.exp(args.controller_rate * max(-0.2, min(0.2, 1 - ent / args.target_entropy)))
+    return beta, alpha
+
+
+# ----------------------------------------------------------------------------- main: θ_k ← argmin_θ L_θ
+def main(argv=None):
+    args = parse_args(argv)
+    if prepare_out(args):  # --out is finished (its summary exists) and no --overwrite
+        return print("done")
+    from tqdm import tqdm
+
+    rank, world, device = setup_distributed(args)  # python, torchrun (DDP) or deepspeed
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device != "cpu")
+
+    # ---- data and models: D_k -> token ids; p_θ starts from --model (or the resume checkpoint), p_0 only if β > 0
+    meta = read_meta(args.data, args.expect_method)
+    tags = meta.get("tags") or []
+    rows, counts = read_pool(
+        args.data, tags, args.per_category, args.drop_truncated, args.max_samples, args.seed
+    )
+    ck = None if args.overwrite else find_checkpoint(args.out)
+    extra = list(tags) if meta.get("method") == "quark" else []  # Quark's quantiles: 1 token each
+    model, ref, tok = load_models(args, ck, extra, device, bf16)
+    n_ctx = context_length(model)
+    examples = encode_rows(rows, tok, n_ctx, reference=ref is not None, eos_target=args.eos_target)
+    vocab = sampled_vocab(model, tok, args.model)
+    counts["clipped_to_context"] = sum(e["clipped"] for e in examples)
+    B, A = args.batch_size, args.grad_accum
+    G = B * A * world  # the global batch of one optimizer step
+    if len(examples) < G:
+        raise AltError(
+            f"{args.data}: {len(examples)} trainable rows, fewer than one global batch "
+            f"(batch {B} x grad-accum {A} x world {world} = {G})"
+        )
+    steps_per_epoch = len(examples) // G
+    total_steps = steps_per_epoch * args.epochs
+
+    # ---- optimisation: AdamW + linear warmup/decay, the resume state, then DDP or DeepSpeed around the model
+    optimizer, scheduler = adamw(args, model, total_steps)
+    fingerprint = run_fingerprint(args, len(examples), G, world, total_steps)
+    common.seed_everything(args.seed + rank)  # dropout differs by rank; a resume restores the RNG
+    step, beta, alpha, zero = 0, args.beta, args.alpha, None
+    if ck:
+        step, beta, alpha, zero = load_checkpoint(ck, rank, optimizer, scheduler, fingerprint)
+    fwd, optimizer, ctx, backward, update = wrap_model(
+        args, model, optimizer, scheduler, zero, world, device, bf16
+    )
+    ddp = world > 1 and not args.deepspeed
+
+    # ---- the loop: one optimizer step per global batch; rank 0 alone writes the log, the checkpoints and the model
+    log = open_log(args.out, step) if rank == 0 else None
+    barrier()
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
+    plan, row, pad, slots, t_start = {}, {}, 0, 0, time.time()
+    while step < total_steps:
+        t0 = time.time()
+        epoch, b = divmod(step, steps_per_epoch)
+        plan = plan if epoch in plan else {epoch: plan_epoch(examples, G, epoch, args.seed)}
+        micro = micro_batches(examples, plan[epoch][b], rank, B, A, tok.pad_token_id)
+        n_y, n_in, n_pad, n_slots = token_counts(micro)
+        # each E of Equation 1 is a mean over the step's N response tokens (all micro-batches, all ranks)
+        n_resp = all_sum([n_y], device).item()
+        # this rank's Σ nll, Σ kl, Σ entropy over the step, and its input tokens
+        sums = torch.tensor([0, 0, 0, n_in], dtype=torch.float64)
+        pad, slots = pad + n_pad, slots + n_slots
+        for j, (pb, rb) in enumerate(micro):
+            pb, rb = ({k: v.to(device) for k, v in x.items()} for x in (pb, rb))
+            if ddp:  # as nanoGPT: all-reduce the gradients on the last micro-batch only
+                fwd.require_backward_grad_sync = j == A - 1
+            with ctx:
+                # p_0 is fixed (not inference_mode: the KL saves its logits for backward)
+                with torch.no_grad():
+                    ref_logits = None if ref is None else response_logits(ref, rb, vocab)
+                logits = response_logits(fwd, pb, vocab)
+                nll, kl, entropy = alt_loss(logits, ref_logits, pb["targets"], pb["resp_mask"])
+            # Equation 1 as Σ over y's tokens / N; × world as DDP averages the ranks' gradients
+            L = (nll + beta * kl - alpha * entropy) * (world / n_resp)
+            backward(L)
+            sums[:3] += torch.stack([nll.detach(), kl.detach(), entropy.detach()]).double().cpu()
+        tot = all_sum(sums, device)
+        nll_m, kl_m, ent_m = (tot[:3] / n_resp).tolist()
+        tokens = int(tot[3])
+        total = nll_m + beta * kl_m - alpha * ent_m  # L of the step
+        if not math.isfinite(total):  # stop before the update: the last checkpoint stays good
+            raise nonfinite_loss(total, step, args.out, bar)
+        grad_norm = update()
+        step += 1
+        row = dict(step=step, epoch=epoch, nll=nll_m, kl=kl_m, entropy=ent_m, total=total)
+        row.update(beta=beta, alpha=alpha, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm)
+        row.update(tokens=tokens, tokens_per_s=round(tokens / max(time.time() - t0, 1e-9), 1))
+        beta, alpha = adapt(args, beta, alpha, kl_m, ent_m)
+        log_step(log, bar, row)
+        if step % args.save_every == 0 and step < total_steps:
+            save_state(args, model, tok, optimizer, scheduler, fingerprint, step, beta, alpha, rank)
+    bar.close()
+
+    # ---- outputs: the model, then the summary (its presence marks --out finished)
+    if rank == 0:
+        log.close()
+        save_outputs(args, model, tok, meta, counts, fingerprint, row, pad, slots, t_start)
+    barrier()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+# A reader may skip from here on: the output folder, the launchers, resume checkpoints, the log and the summary.
+def prepare_out(args):
+    """True when --out is finished (its summary exists) and there is no --overwrite. Under --overwrite rank 0 first
+    removes the old summary and resume state: a crashed rerun must not look finished, nor resume the old run."""
+    # --overwrite deletes parts of --out: no input may be, hold or lie inside it
+    common.refuse_overlap(
+        {"--out": args.out},
+        {"--data": args.data, "--model": args.model, "--ref-model": args.ref_model},
+    )
+    summary_path = os.path.join(args.out, "train_summary.json")
+    if os.path.exists(summary_path) and not args.overwrite:
+        return True
+    if args.overwrite and os.environ.get("RANK", "0") == "0":
+        for d in ("checkpoint", "checkpoint.old"):
+            shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(summary_path)
+    return False
+
+
+def setup_distributed(args):
+    """-> (rank, world, device). torchrun and the deepspeed launcher set RANK, WORLD_SIZE and LOCAL_RANK; a plain
+    `python train.py` is a world of one. DDP's process group (gloo on CPU, nccl on GPU) or DeepSpeed's starts here."""
+    if args.deepspeed:
+        try:
+            import deepspeed
+        except ImportError:
+            raise AltError(
+                "--deepspeed needs the deepspeed package (pip install --no-build-isolation -r "
+                "requirements-dist.txt)"
+            ) from None
+        if not os.path.isfile(args.deepspeed):
+            raise AltError(f"{args.deepspeed}: DeepSpeed config not found")
+        for k, v in dict(
+            RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500
+        ).items():
+            # a plain `python train.py --deepspeed` is a 1-process world
+            os.environ.setdefault(k, str(v))
+    rank, world, local = (int(os.environ.get(k, 0)) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    world, cuda = max(world, 1), torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+    if args.deepspeed:
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    elif world > 1:
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, f"cuda:{local}" if cuda else "cpu"
+
+
+def barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_sum(values, device):
+    """Σ over ranks in float64 (a list or a tensor -> a CPU tensor); NCCL reduces only GPU tensors."""
+    t = torch.as_tensor(values, dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        t = t.to(device)
+        torch.distributed.all_reduce(t)
+    return t.cpu()
+
+
+def context_length(model):
+    return getattr(model.config, "n_positions", None) or getattr(
+        model.config, "max_position_embeddings", 1024
+    )
+
+
+def load_models(args, ck, extra, device, bf16):
+    """-> (p_θ, p_0, tokenizer). p_θ in fp32 from the resume checkpoint `ck` or --model, with Quark's quantile tokens
+    `extra`; p_0 frozen from --ref-model (default --model), in bf16 under bf16 runs, and None when β = 0."""
+    model, tok = common.load_policy(
+        ck or args.model, device, "float32", extra, args.trust_remote_code
+    )
+    have = {t for t in tok.get_vocab() if t.startswith("<|quantile_")}
+    if extra and have != set(extra):
+        raise AltError(
+            f"{args.model} has {len(have)} quantile tokens but {meta_path(args.data)} lists {len(extra)} "
+            "tags: a pool from another K"
+        )
+    if not args.beta > 0:
+        return model, None, tok
+    ref_path = args.ref_model or args.model
+    ref, ref_tok = common.load_policy(
+        ref_path, device, "bfloat16" if bf16 else "float32", extra, args.trust_remote_code
+    )
+    if ref_tok.get_vocab() != tok.get_vocab():
+        raise AltError(
+            f"{ref_path}: p_0's vocabulary differs from {args.model}'s (the KL needs one vocabulary)"
+        )
+    return model, ref.eval().requires_grad_(False), tok
+
+
+def adamw(args, model, total_steps):
+    """Gradient checkpointing if asked and dropout on, then AdamW with linear warmup and decay -> (optimizer, schedule)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    if args.gradient_checkpointing:
+        enable = (
+            getattr(model, "activation_checkpointing_enable", None)
+            or model.gradient_checkpointing_enable
+        )
+        enable({"use_reentrant": False})  # the old name is deprecated in recent transformers 5.x
+    model.train()  # dropout on (the official code trained in eval mode by mistake)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay
+    )
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, round(args.warmup_ratio * total_steps), total_steps
+    )
+    return optimizer, scheduler
+
+
+def wrap_model(args, model, optimizer, scheduler, zero, world, device, bf16):
+    """The one place where python, torchrun (DDP) and deepspeed differ -> (fwd, optimizer, ctx, backward, update):
+    fwd     p_θ's forward: `model` itself, DDP around it, or DeepSpeed's engine;
+    ctx     the precision context: bf16 autocast or nothing (nothing where DeepSpeed keeps bf16 weights itself);
+    backward(L)  adds L's gradients, under ctx like the forward (train.py's autograd has always run under the
+            autocast, and bf16 runs' numbers depend on it);
+    update()     the optimizer step (clip, AdamW, schedule, zero the gradients) -> the gradient norm or None.
+    Under DeepSpeed the optimizer becomes its ZeRO wrapper, loaded with `zero` (a resumed shard) if given."""
+    if args.deepspeed:
+        A = args.grad_accum
+        want = dict(
+            train_micro_batch_size_per_gpu=args.batch_size,
+            gradient_accumulation_steps=A,
+            train_batch_size=args.batch_size * A * world,
+            gradient_clipping=args.max_grad_norm or 0.0,
+        )
+        engine, optimizer, _, ds_bf16 = deepspeed_engine(
+            args.deepspeed, model, optimizer, scheduler, want, bf16
+        )
+        if zero:
+            zero_state(optimizer, load=zero)
+        ctx = precision(device, bf16 and not ds_bf16)
+
+        def backward(loss):
+            with ctx:
+                engine.backward(loss * A)  # DeepSpeed divides by gradient_accumulation_steps
+                if not engine.is_gradient_accumulation_boundary():
+                    engine.step()  # counts the micro-batch; the boundary's step() is update()'s
+
+        def update():
+            with ctx:
+                engine.step()  # at the accumulation boundary: clip, AdamW, schedule
+            norm = engine.get_global_grad_norm()
+            return None if norm is None else float(norm)
+
+        return engine, optimizer, ctx, backward, update
+
+    fwd, ctx = model, precision(device, bf16)
+    if world > 1:
+        ids = None if device == "cpu" else [torch.device(device).index]
+        fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def backward(loss):
+        with ctx:
+            loss.backward()
+
+    def update():
+        clip = args.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip) if clip else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return None if norm is None else float(norm)
+
+    return fwd, optimizer, ctx, backward, update
+
+
+def precision(device, bf16):
+    """The run's one precision context, entered again for each micro-batch: bf16 autocast, or nothing (fp32)."""
+    return (
+        torch.autocast(device.split(":")[0], torch.bfloat16) if bf16 else contextlib.nullcontext()
+    )
+
+
+def nonfinite_loss(total, step, out, bar):
+    """The error that stops a run whose step loss is NaN/Inf, before the step's update; closes the progress bar so
+    that the error is the last line the user sees."""
+    bar.close()
+    kept = find_checkpoint(out)
+    return AltError(
+        f"non-finite loss ({total}) at step {step + 1}; stopped before the update; "
+        + (f"last good checkpoint kept: {kept}" if kept else "no checkpoint yet")
+    )
+
+
+def open_log(out, step):
+    """train_log.jsonl opened to append, after dropping the rows of steps past the resume checkpoint."""
+    path = os.path.join(out, "train_log.jsonl")
+    old = common.read_jsonl(path, allow_empty=True, partial_ok=True) if os.path.exists(path) else []
+    common.write_jsonl(path, [r for r in old if r.get("step", 0) <= step])
+    return open(path, "a", encoding="utf-8")
+
+
+def log_step(log, bar, row):
+    """Rank 0 (the one holding the log) appends the step's row and moves the progress bar."""
+    if log is not None:
+        common.append_jsonl(log, row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['total']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+
+
+def save_outputs(args, model, tok, meta, counts, fingerprint, final, pad, slots, t_start):
+    """Rank 0, once trained: the model and tokenizer, then train_summary.json (its presence marks --out finished),
+    then the resume state goes."""
+    model.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    common.write_json(
+        os.path.join(args.out, "train_summary.json"),
+        dict(
+            method=meta.get("method"),
+            tags=meta.get("tags") or None,
+            exemplar=meta.get("exemplar"),
+            data=args.data,
+            model=args.model,
+            ref_model=(args.ref_model or args.model) if args.beta > 0 else None,
+            counts=counts,
+            examples=fingerprint["examples"],
+            steps=fingerprint["steps"],
+            epochs=args.epochs,
+            global_batch=fingerprint["global_batch"],
+            world_size=fingerprint["world"],
+            deepspeed=args.deepspeed,
+            final=final,
+            padding_share=round(pad / max(slots, 1), 4),
+            train_seconds=round(time.time() - t_start, 1),
+            args=vars(args),
+        ),
+    )
+    for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
+        shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
+    print(
+        f"train.py: {fingerprint['steps']} steps on {fingerprint['examples']} rows -> {args.out} "
+        f"(final loss {final['total']:.4f})"
+    )
+
+
 # ----------------------------------------------------------------------------- checkpoints (resume)
+def run_fingerprint(args, n_examples, global_batch, world, steps):
+    """What a resume checkpoint must agree with: the data, its size and the step layout, lr and seed."""
+    return dict(
+        data=os.path.abspath(args.data),
+        examples=n_examples,
+        global_batch=global_batch,
+        world=world,
+        steps=steps,
+        lr=args.lr,
+        seed=args.seed,
+    )
+
+
+def save_state(args, model, tok, optimizer, scheduler, fingerprint, step, beta, alpha, rank):
+    """The resume checkpoint after `step`: weights, step, β, α, schedule and optimizer (under DeepSpeed, each rank's
+    ZeRO shard instead: zero_state)."""
+    state = dict(
+        step=step,
+        beta=beta,
+        alpha=alpha,
+        fingerprint=fingerprint,
+        scheduler=scheduler.state_dict(),
+    )
+    if not args.deepspeed:
+        state["optimizer"] = optimizer.state_dict()
+    zero = zero_state(optimizer) if args.deepspeed else None
+    save_checkpoint(args.out, model, tok, state, rank, barrier, zero)
+
+
 def save_checkpoint(out, model, tok, state, rank, barrier, zero=None):
     """Write DIR/checkpoint.tmp (weights safetensors, state.pt, one file per rank: RNG and, under DeepSpeed, that rank's
     ZeRO partition of Adam's moments and fp32 weights, `zero`), then swap it in."""
@@ -453,330 +875,6 @@ def deepspeed_engine(path, model, optimizer, scheduler, want, bf16):
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg
     )
     return engine, optimizer, scheduler, bool(cfg.get("bf16", {}).get("enabled"))
-
-
-# ----------------------------------------------------------------------------- main
-def main(argv=None):
-    args = parse_args(argv)
-    # --overwrite deletes parts of --out: no input may be, hold or lie inside it
-    common.refuse_overlap(
-        {"--out": args.out},
-        {"--data": args.data, "--model": args.model, "--ref-model": args.ref_model},
-    )
-    summary_path, log_path = (
-        os.path.join(args.out, n) for n in ("train_summary.json", "train_log.jsonl")
-    )
-    if os.path.exists(summary_path) and not args.overwrite:
-        return print("done")
-    if args.overwrite and os.environ.get("RANK", "0") == "0":
-        # a crashed --overwrite run must not look finished
-        for d in ("checkpoint", "checkpoint.old"):
-            shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(summary_path)
-    if args.deepspeed:
-        try:
-            import deepspeed
-        except ImportError:
-            raise AltError(
-                "--deepspeed needs the deepspeed package (pip install --no-build-isolation -r "
-                "requirements-dist.txt)"
-            ) from None
-        if not os.path.isfile(args.deepspeed):
-            raise AltError(f"{args.deepspeed}: DeepSpeed config not found")
-        for k, v in dict(
-            RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500
-        ).items():
-            # a plain `python train.py --deepspeed` is a 1-process world
-            os.environ.setdefault(k, str(v))
-    from tqdm import tqdm
-    from transformers import get_linear_schedule_with_warmup
-
-    # ---- distributed: torchrun / the deepspeed launcher set RANK, WORLD_SIZE, LOCAL_RANK
-    rank, world, local = (int(os.environ.get(k, 0)) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    world, cuda = max(world, 1), torch.cuda.is_available()
-    device = f"cuda:{local}" if cuda else "cpu"
-    if cuda:
-        torch.cuda.set_device(local)
-    if args.deepspeed:
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    elif world > 1:
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    dist = torch.distributed.is_initialized()
-    barrier = torch.distributed.barrier if dist else (lambda: None)
-
-    def all_sum(t):  # float64 sums over ranks; NCCL reduces only GPU tensors
-        if dist:
-            t = t.to(device)
-            torch.distributed.all_reduce(t)
-        return t.cpu()
-
-    # ---- data and models: p_θ starts from --model (or the resume checkpoint); p_0 is loaded only when β > 0
-    meta = read_meta(args.data)
-    if args.expect_method and meta.get("method") != args.expect_method:
-        raise AltError(
-            f"{meta_path(args.data)}: pool method {meta.get('method')!r}, expected {args.expect_method!r}"
-        )
-    tags = meta.get("tags") or []
-    rows, counts = read_pool(
-        args.data, tags, args.per_category, args.drop_truncated, args.max_samples, args.seed
-    )
-    # Quark's quantile tokens become single tokens
-    extra = list(tags) if meta.get("method") == "quark" else []
-    ck = None if args.overwrite else find_checkpoint(args.out)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
-    model, tok = common.load_policy(
-        ck or args.model, device, "float32", extra, args.trust_remote_code
-    )
-    have = {t for t in tok.get_vocab() if t.startswith("<|quantile_")}
-    if extra and have != set(tags):
-        raise AltError(
-            f"{args.model} has {len(have)} quantile tokens but {meta_path(args.data)} lists {len(tags)} "
-            "tags: a pool from another K"
-        )
-    ref, ref_path = None, args.ref_model or args.model
-    if args.beta > 0:
-        ref, ref_tok = common.load_policy(
-            ref_path, device, "bfloat16" if bf16 else "float32", extra, args.trust_remote_code
-        )
-        if ref_tok.get_vocab() != tok.get_vocab():
-            raise AltError(
-                f"{ref_path}: p_0's vocabulary differs from {args.model}'s (the KL needs one vocabulary)"
-            )
-        ref.eval().requires_grad_(False)
-    max_len = getattr(model.config, "n_positions", None) or getattr(
-        model.config, "max_position_embeddings", 1024
-    )
-    examples = encode_rows(
-        rows, tok, max_len, reference=ref is not None, eos_target=args.eos_target
-    )
-    # NLL, KL and H are taken over the tokens sampling can draw: ALT's control tokens (the separator, Quark's
-    # quantiles) are added last to the vocabulary and suppressed by sample.py, so their columns are dropped.
-    control = common.control_token_ids(tok)
-    vocab = control[0] if control else None
-    if control != list(range(len(tok) - len(control), len(tok))) or model.config.vocab_size != len(
-        tok
-    ):
-        raise AltError(
-            f"{args.model}: ALT's control tokens must be the last {len(control)} of {len(tok)} ids"
-        )
-    counts["clipped_to_context"] = sum(e["clipped"] for e in examples)
-    B, A = args.batch_size, args.grad_accum
-    G = B * A * world
-    if len(examples) < G:
-        raise AltError(
-            f"{args.data}: {len(examples)} trainable rows, fewer than one global batch "
-            f"(batch {B} x grad-accum {A} x world {world} = {G})"
-        )
-    steps_per_epoch = len(examples) // G
-    total_steps = steps_per_epoch * args.epochs
-
-    # ---- optimisation: AdamW + linear warmup/decay; resume state; DDP or DeepSpeed around the same model
-    if args.gradient_checkpointing:
-        enable = (
-            getattr(model, "activation_checkpointing_enable", None)
-            or model.gradient_checkpointing_enable
-        )
-        enable({"use_reentrant": False})  # the old name is deprecated in recent transformers 5.x
-    model.train()  # dropout on (the official code trained in eval mode by mistake)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay
-    )
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, round(args.warmup_ratio * total_steps), total_steps
-    )
-    fingerprint = dict(
-        data=os.path.abspath(args.data),
-        examples=len(examples),
-        global_batch=G,
-        world=world,
-        steps=total_steps,
-        lr=args.lr,
-        seed=args.seed,
-    )
-    step, beta, alpha = 0, args.beta, args.alpha
-    # ranks draw different dropout masks; a resume restores the RNG
-    common.seed_everything(args.seed + rank)
-    zero = None
-    if ck:
-        step, beta, alpha, zero = load_checkpoint(ck, rank, optimizer, scheduler, fingerprint)
-    fwd = model
-    if args.deepspeed:
-        want = dict(
-            train_micro_batch_size_per_gpu=B,
-            gradient_accumulation_steps=A,
-            train_batch_size=G,
-            gradient_clipping=args.max_grad_norm or 0.0,
-        )
-        fwd, optimizer, scheduler, ds_bf16 = deepspeed_engine(
-            args.deepspeed, model, optimizer, scheduler, want, bf16
-        )
-        bf16 = bf16 and not ds_bf16  # DeepSpeed's own bf16 weights replace autocast
-        if zero:
-            zero_state(optimizer, load=zero)
-    elif world > 1:
-        fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None)
-
-    # ---- the loop; rank 0 alone writes the log, the checkpoints and the model
-    if rank == 0:
-        old = (
-            common.read_jsonl(log_path, allow_empty=True, partial_ok=True)
-            if os.path.exists(log_path)
-            else []
-        )
-        # drop steps past the checkpoint
-        common.write_jsonl(log_path, [r for r in old if r.get("step", 0) <= step])
-        log_fh = open(log_path, "a", encoding="utf-8")
-    barrier()
-    bar = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
-    plan, last, pad, slots, t_start = {}, {}, 0, 0, time.time()
-    while step < total_steps:
-        t0 = time.time()
-        epoch, b = divmod(step, steps_per_epoch)
-        plan = plan if epoch in plan else {epoch: plan_epoch(examples, G, epoch, args.seed)}
-        # this rank's shard
-        mine = [examples[i] for i in plan[epoch][b][rank * B * A : (rank + 1) * B * A]]
-        micro = [mine[j * B : (j + 1) * B] for j in range(A)]
-        pol = [collate([(e["prefix"], e["response"]) for e in m], tok.pad_token_id) for m in micro]
-        refb = (
-            [
-                collate([(e["ref_prefix"], e["response"]) for e in m], tok.pad_token_id)
-                for m in micro
-            ]
-            if ref
-            else pol
-        )
-        n_resp = all_sum(
-            torch.tensor([sum(p["resp_mask"].sum().item() for p in pol)], dtype=torch.float64)
-        ).item()
-        sums = torch.zeros(4, dtype=torch.float64)  # Σ nll, Σ kl, Σ entropy, input tokens
-        for j, (pb, rb) in enumerate(zip(pol, refb)):
-            pb, rb = ({k: v.to(device) for k, v in x.items()} for x in (pb, rb))
-            # DDP: all-reduce grads on the last micro only
-            no_sync = world > 1 and not args.deepspeed and j < A - 1
-            with (
-                torch.autocast(device.split(":")[0], torch.bfloat16, enabled=bf16),
-                fwd.no_sync() if no_sync else contextlib.nullcontext(),
-            ):
-                with torch.no_grad():
-                    # p_0 is fixed (not inference_mode: the KL saves its logits for backward)
-                    ref_logits = None if ref is None else response_logits(ref, rb, vocab)
-                logits = response_logits(fwd, pb, vocab)
-                nll, kl, entropy = alt_loss(logits, ref_logits, pb["targets"], pb["resp_mask"])
-                # ranks average grads: Σ / N_global
-                loss = (nll + beta * kl - alpha * entropy) * (world / n_resp)
-                sums[:3] += (
-                    torch.stack([nll.detach(), kl.detach(), entropy.detach()]).double().cpu()
-                )
-                sums[3] += pb["attention_mask"].sum().item()
-                if j == A - 1:  # the whole step's loss is known: stop on NaN/Inf before the update
-                    tot = all_sum(sums.clone())
-                    nll_m, kl_m, ent_m = (tot[:3] / n_resp).tolist()
-                    total = nll_m + beta * kl_m - alpha * ent_m
-                    if not math.isfinite(total):
-                        bar.close()  # so the error below is the last line the user sees
-                        kept = find_checkpoint(args.out)
-                        raise AltError(
-                            f"non-finite loss ({total}) at step {step + 1}; stopped before the update; "
-                            + (
-                                f"last good checkpoint kept: {kept}"
-                                if kept
-                                else "no checkpoint yet"
-                            )
-                        )
-                if args.deepspeed:
-                    fwd.backward(loss * A)  # DeepSpeed divides by gradient_accumulation_steps
-                    fwd.step()  # updates only at the accumulation boundary
-                else:
-                    loss.backward()
-            pad, slots = (
-                pad + int((pb["attention_mask"] == 0).sum()),
-                slots + pb["attention_mask"].numel(),
-            )
-        if args.deepspeed:
-            grad_norm = fwd.get_global_grad_norm()
-        else:
-            clip = args.max_grad_norm
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip) if clip else None
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        step += 1
-        last = dict(
-            step=step,
-            epoch=epoch,
-            nll=nll_m,
-            kl=kl_m,
-            entropy=ent_m,
-            total=total,
-            beta=beta,
-            alpha=alpha,
-            lr=scheduler.get_last_lr()[0],
-            grad_norm=None if grad_norm is None else float(grad_norm),
-            tokens=int(tot[3]),
-            tokens_per_s=round(float(tot[3]) / max(time.time() - t0, 1e-9), 1),
-        )
-        # optional adaptive controllers: clipped multiplicative steps toward the targets (Ziegler et al.'s KL rule)
-        if args.target_kl:
-            beta *= math.exp(args.controller_rate * max(-0.2, min(0.2, kl_m / args.target_kl - 1)))
-        if args.target_entropy:
-            alpha *= math.exp(
-                args.controller_rate * max(-0.2, min(0.2, 1 - ent_m / args.target_entropy))
-            )
-        if rank == 0:
-            common.append_jsonl(log_fh, last)
-            bar.update(1)
-            bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
-        if step % args.save_every == 0 and step < total_steps:
-            state = dict(
-                step=step,
-                beta=beta,
-                alpha=alpha,
-                fingerprint=fingerprint,
-                scheduler=scheduler.state_dict(),
-            )
-            if not args.deepspeed:
-                # under DeepSpeed each rank saves its own shard instead (zero_state)
-                state["optimizer"] = optimizer.state_dict()
-            zero = zero_state(optimizer) if args.deepspeed else None
-            save_checkpoint(args.out, model, tok, state, rank, barrier, zero)
-    bar.close()
-
-    # ---- outputs: the model, then the summary (its presence marks --out finished)
-    if rank == 0:
-        log_fh.close()
-        model.save_pretrained(args.out)
-        tok.save_pretrained(args.out)
-        common.write_json(
-            summary_path,
-            dict(
-                method=meta.get("method"),
-                tags=tags or None,
-                exemplar=meta.get("exemplar"),
-                data=args.data,
-                model=args.model,
-                ref_model=ref_path if ref else None,
-                counts=counts,
-                examples=len(examples),
-                steps=total_steps,
-                epochs=args.epochs,
-                global_batch=G,
-                world_size=world,
-                deepspeed=args.deepspeed,
-                final=last,
-                padding_share=round(pad / max(slots, 1), 4),
-                train_seconds=round(time.time() - t_start, 1),
-                args=vars(args),
-            ),
-        )
-        for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
-            shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
-        print(
-            f"train.py: {total_steps} steps on {len(examples)} rows -> {args.out} (final loss {total:.4f})"
-        )
-    barrier()
-    if dist:
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
