@@ -37,8 +37,6 @@ import shlex
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import common
 from common import AltError
@@ -369,35 +367,9 @@ def check_hub(args):
         for s in (args.scorer, args.eval_scorer, args.extra_scorer)
         if s and s[:3] == "hf:"
     ]
-    specs = [args.model, args.fluency_model, *judges]
-    names = sorted({n for n in specs if n and not os.path.isdir(n)})
-    if not names or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        return
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5)
-        return
-    except urllib.error.HTTPError:  # an answer, even an error, means the Hub is reachable
-        return
-    except (OSError, ValueError):
-        pass
-    from huggingface_hub import try_to_load_from_cache
-
-    def cached(name):
-        try:
-            return isinstance(try_to_load_from_cache(name, "config.json"), str)
-        except ValueError:  # not a valid repo id either: a local path that does not exist
-            return False
-
-    missing = [n for n in names if not cached(n)]
-    if missing:
-        raise AltError(
-            f"{', '.join(missing)}: not a local folder, not in the Hub cache, and "
-            f"{endpoint} is unreachable. Download it where there is network (`hf "
-            f"download NAME`) or pass a local folder"
-        )
-    os.environ["HF_HUB_OFFLINE"] = "1"  # the stages inherit it: cached files, no retries
-    print(f"[alt_loop] {endpoint} is unreachable: every stage runs with HF_HUB_OFFLINE=1")
+    if common.hub_unreachable([args.model, args.fluency_model, *judges]):
+        os.environ["HF_HUB_OFFLINE"] = "1"  # the stages inherit it: cached files, no retries
+        print("[alt_loop] the Hub is unreachable: every stage runs with HF_HUB_OFFLINE=1")
 
 
 def none(value):

@@ -270,6 +270,41 @@ def control_token_ids(tokenizer):
     )
 
 
+def hub_unreachable(names):
+    """Fail fast where transformers would retry for ~25 s per file: a name that is no local folder, with
+    HF_HUB_OFFLINE unset and the Hub unreachable, must be in the Hub cache. True: unreachable, all cached."""
+    import urllib.error
+    import urllib.request
+
+    names = sorted({n for n in names if n and not os.path.isdir(n)})
+    if not names or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5)
+        return False
+    except urllib.error.HTTPError:  # an answer, even an error, means the Hub is reachable
+        return False
+    except (OSError, ValueError):
+        pass
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(name):
+        try:
+            return isinstance(try_to_load_from_cache(name, "config.json"), str)
+        except ValueError:  # not a valid repo id either: a local path that does not exist
+            return False
+
+    missing = [n for n in names if not cached(n)]
+    if missing:
+        raise AltError(
+            f"{', '.join(missing)}: not a local folder, not in the Hub cache, and "
+            f"{endpoint} is unreachable. Download it where there is network (`hf "
+            f"download NAME`) or pass a local folder"
+        )
+    return True
+
+
 def load_policy(name_or_path, device=None, dtype=None, extra_tokens=(), trust_remote_code=False):
     """Any HF causal LM by Hub name or local path -> (model, tokenizer): left padding, a pad token, and the
     separator (plus `extra_tokens`, e.g. Quark's) added as special tokens with new embedding rows set to EOS's."""
@@ -278,10 +313,16 @@ def load_policy(name_or_path, device=None, dtype=None, extra_tokens=(), trust_re
 
     dev, dt = default_device_dtype()
     device, dtype = device or dev, dtype or dt
+    local = hub_unreachable([name_or_path])  # cached, Hub unreachable: load without retries
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, local_files_only=local
+        )
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+            name_or_path,
+            dtype=getattr(torch, dtype),
+            trust_remote_code=trust_remote_code,
+            local_files_only=local,
         )
     except Exception as e:
         # OSError, ValueError, or UnpicklingError for a folder with only a pickled .bin

@@ -434,10 +434,16 @@ def load_fluency_lm(name, args):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    local = common.hub_unreachable([name])  # cached, Hub unreachable: load without retries
     try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            name, trust_remote_code=args.trust_remote_code, local_files_only=local
+        )
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=getattr(torch, args.fluency_dtype), trust_remote_code=args.trust_remote_code
+            name,
+            dtype=getattr(torch, args.fluency_dtype),
+            trust_remote_code=args.trust_remote_code,
+            local_files_only=local,
         )
     except (OSError, ValueError, AttributeError) as e:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""

@@ -52,6 +52,7 @@ from common import (
     append_jsonl,
     cli,
     finite,
+    hub_unreachable,
     quantile_token,
     read_json,
     read_jsonl,
@@ -206,10 +207,13 @@ def make_scorer(spec, qps=1.0, batch_size=256):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     name, _, label = spec[3:].partition(":")
+    local = hub_unreachable([name])  # cached, Hub unreachable: load without retries
     try:
         # None would prompt "run custom code?"
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-        model = AutoModelForSequenceClassification.from_pretrained(name, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False, local_files_only=local)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name, trust_remote_code=False, local_files_only=local
+        )
     except (OSError, ValueError) as e:
         raise AltError(f"cannot load classifier '{name}': {str(e).splitlines()[0]}") from None
     cfg = model.config

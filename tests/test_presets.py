@@ -426,3 +426,19 @@ def test_toy_defaults_train_and_evaluate_on_different_judges(tmp_path):
         "evaluate.py",
     )[0]
     assert "--extra-scorer" not in off and "--scorer hf:" in off
+
+
+def test_a_stage_run_by_hand_fails_fast_on_an_unreachable_hub(tiny_model_dir, monkeypatch):
+    """Not only alt_loop: load_policy, the hf: judge and the fluency LM probe the Hub once instead of
+    retrying every file, and a local folder is never probed."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: no network
+    assert common.hub_unreachable([tiny_model_dir]) is False  # local: not even a probe
+    with pytest.raises(
+        common.AltError, match="nobody/not-cached-model: not a local folder, not in"
+    ):
+        common.load_policy("nobody/not-cached-model")
+    with pytest.raises(
+        common.AltError, match="nobody/no-judge: not a local folder, not in the Hub"
+    ):
+        feedback.make_scorer("hf:nobody/no-judge")
