@@ -245,6 +245,22 @@ def load_prompts(spec, split="train", field=None):
 
 
 # ----------------------------------------------------------------------------- conditioning
+def prompt_key(path, line, row, seen):
+    """A pool row's x identity for grouping: prompt_id (int or str), else the prompt text. `seen` maps each id to
+    the first (prompt, line), so an id reused for another x is an error, not a silently merged group."""
+    pid = row.get("prompt_id")
+    if pid is None:
+        return row["prompt"]
+    if isinstance(pid, bool) or not isinstance(pid, (int, str)):
+        raise AltError(f"{path}:{line}: 'prompt_id' must be an int or a string, got {pid!r}")
+    first = seen.setdefault(str(pid), (row["prompt"], line))
+    if first[0] != row["prompt"]:
+        raise AltError(
+            f"{path}:{line}: prompt_id {pid!r} was given to another prompt on line {first[1]}"
+        )
+    return str(pid)
+
+
 def condition(prompt, feedback):
     """The model input for x under feedback f: f, the separator token, then x. p_0 (feedback None) sees x alone."""
     return prompt if feedback is None else f"{feedback}{SEPARATOR}{prompt}"

@@ -206,7 +206,7 @@ def read_pool(path, tags=None, per_category=None, drop_truncated=False, max_samp
         per_category=0,
         max_samples=0,
     )
-    kept = []
+    kept, ids = [], {}
     for line, r in zip(lines, rows):
         bad = [
             k
@@ -218,6 +218,7 @@ def read_pool(path, tags=None, per_category=None, drop_truncated=False, max_samp
                 f"{path}:{line}: '{bad[0]}' must be a string"
                 + (" or null" if bad[0] == "feedback" else "")
             )
+        r["_x"] = common.prompt_key(path, line, r, ids)  # x's identity for --per-category
         if r["feedback"] is None:
             counts["null_feedback"] += 1
         elif tags and r["feedback"] not in tags:
@@ -236,7 +237,7 @@ def read_pool(path, tags=None, per_category=None, drop_truncated=False, max_samp
     if per_category:
         groups = {}
         for r in kept:
-            groups.setdefault((str(r.get("prompt_id", r["prompt"])), r["feedback"]), []).append(r)
+            groups.setdefault((r["_x"], r["feedback"]), []).append(r)
         kept = [
             r
             for g in groups.values()

@@ -110,7 +110,7 @@ def make_pairs(rows, path, lines=None, min_margin=0.0):
         all_tied=0,
         small_margin=0,
     )
-    groups = {}
+    groups, ids = {}, {}
     for line, r in zip(lines, rows):
         if "reward" not in r:
             raise AltError(
@@ -120,6 +120,7 @@ def make_pairs(rows, path, lines=None, min_margin=0.0):
         bad = [k for k in ("prompt", "generation") if not isinstance(r[k], str)]
         if bad:
             raise AltError(f"{path}:{line}: '{bad[0]}' must be a string")
+        x = common.prompt_key(path, line, r, ids)
         rew = r["reward"]
         if rew is None:
             counts["null_reward"] += 1
@@ -128,7 +129,7 @@ def make_pairs(rows, path, lines=None, min_margin=0.0):
         elif not r["generation"]:
             counts["empty_generation"] += 1
         else:
-            groups.setdefault(str(r.get("prompt_id", r["prompt"])), []).append(r)
+            groups.setdefault(x, []).append(r)
     pairs = []
     for g in groups.values():
         # first one wins a tie

@@ -34,13 +34,15 @@ def jsonl(path, rows):
 def pool_rows(n, tags=("A", "B", "C"), **override):
     """Datapool rows with feedback: y continues x."""
     rows = []
-    for i, text in enumerate(tiny_texts(n)):
+    texts = tiny_texts(n)
+    for i, text in enumerate(texts):
         words = text.split()
+        x = " ".join(texts[i - i % 2].split()[:3])  # the two y of prompt_id i // 2 share their x
         rows.append(
             {
                 "prompt_id": i // 2,
                 "sample_idx": i % 2,
-                "prompt": " ".join(words[:3]),
+                "prompt": x,
                 "iteration": 1,
                 "generation": " " + " ".join(words[3:]),
                 "condition": None,
@@ -309,7 +311,7 @@ def test_empty_prompt_long_prompt_and_empty_generation_are_counted_skips(
     rows = pool_rows(10)
     rows[1]["generation"] = ""
     rows[2]["feedback"] = None
-    rows[3]["prompt"] = long_x
+    rows[2]["prompt"] = rows[3]["prompt"] = long_x  # both y of prompt_id 1
     pool = jsonl(tmp_path / "pool.jsonl", rows)
     code, _, err = run_cli(
         "train",
@@ -1034,3 +1036,29 @@ def test_bad_numbers_are_usage_errors_naming_the_flag(
         err.strip().splitlines()[-1].endswith(f".py: error: argument {flag}: {want}, got '{value}'")
     )
     assert not os.path.exists(out) and not os.path.exists(out + ".jsonl")
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        ({"prompt_id": 1.5}, "pool.jsonl:2: 'prompt_id' must be an int or a string, got 1.5"),
+        ({"prompt_id": [0]}, "pool.jsonl:2: 'prompt_id' must be an int or a string, got \\[0\\]"),
+        (
+            {"prompt": "another x"},
+            "pool.jsonl:2: prompt_id 0 was given to another prompt on line 1",
+        ),
+    ],
+)
+def test_pool_prompt_ids_are_checked_by_train_and_dpo(tmp_path, change, error):
+    """A float/list prompt_id, or one id reused for another x, would silently merge or split the groups that
+    --per-category and DPO's pairs are built from."""
+    import train
+    from baselines import dpo
+
+    rows = pool_rows(4)
+    rows[1].update(change)
+    pool = jsonl(tmp_path / "pool.jsonl", rows)
+    with pytest.raises(common.AltError, match=error):
+        train.read_pool(pool, ("A", "B", "C"))
+    with pytest.raises(common.AltError, match=error):
+        dpo.make_pairs(common.read_jsonl(pool), pool)

@@ -20,13 +20,15 @@ TAGS = ["Nontoxic", "Slightly toxic", "Very toxic"]
 def make_pool(path, n=24, meta=None, **override):
     """A tiny datapool: y continues x; tags cycle; every third y is truncated."""
     rows = []
-    for i, text in enumerate(tiny_texts(n)):
+    texts = tiny_texts(n)
+    for i, text in enumerate(texts):
         words = text.split()
+        x = " ".join(texts[i - i % 2].split()[:3])  # the two y of prompt_id i // 2 share their x
         rows.append(
             {
                 "prompt_id": i // 2,
                 "sample_idx": i % 2,
-                "prompt": " ".join(words[:3]),
+                "prompt": x,
                 "generation": " " + " ".join(words[3:]),
                 "condition": None,
                 "iteration": 1,
