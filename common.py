@@ -23,6 +23,7 @@ Conditioning template (the single source, used by sample, train and evaluate):
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -286,23 +287,30 @@ def control_token_ids(tokenizer):
     )
 
 
-def hub_unreachable(names):
-    """Fail fast where transformers would retry for ~25 s per file: a name that is no local folder, with
-    HF_HUB_OFFLINE unset and the Hub unreachable, must be in the Hub cache. True: unreachable, all cached."""
+@functools.lru_cache(maxsize=None)
+def _hub_answers(endpoint):
+    """One HEAD probe per endpoint and process (a stage may load a policy, a judge and a fluency LM)."""
     import urllib.error
     import urllib.request
 
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5)
+        return True
+    except urllib.error.HTTPError:  # an answer, even an error, means the Hub is reachable
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def hub_unreachable(names):
+    """Fail fast where transformers would retry for ~25 s per file: a name that is no local folder, with
+    HF_HUB_OFFLINE unset and the Hub unreachable, must be in the Hub cache. True: unreachable, all cached."""
     names = sorted({n for n in names if n and not os.path.isdir(n)})
     if not names or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         return False
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5)
+    if _hub_answers(endpoint):
         return False
-    except urllib.error.HTTPError:  # an answer, even an error, means the Hub is reachable
-        return False
-    except (OSError, ValueError):
-        pass
     from huggingface_hub import try_to_load_from_cache
 
     def cached(name):
