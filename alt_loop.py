@@ -128,6 +128,13 @@ def build_parser():
         help="tokens per y, sampling and evaluation (paper: 20 toxicity, 64 TL;DR, 256 HH)",
     )
     a(
+        "--min-new-tokens",
+        type=int,
+        default=3,
+        help="EOS is blocked for the first N tokens, sampling and evaluation (official "
+        "toxicity sampler: 3; = --max-new-tokens: fixed-length y, so no cut can be a length cut)",
+    )
+    a(
         "--temperature",
         type=float,
         default=1.0,
@@ -187,6 +194,13 @@ def build_parser():
         default=False,
         help="train EOS after "
         "a y that stopped (official toxicity code: no; without it the toy learns never to stop)",
+    )
+    a(
+        "--eos-free",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="leave EOS out of train.py's NLL softmax, so the KL to p_0 alone sets when y "
+        "stops (official: no; without it the toy's y grow to the limit)",
     )
     a("--eval-samples", type=int, default=10, help="y per eval prompt (paper: 25; toy: 10)")
     a("--eval-top-p", type=float, default=0.9, help="nucleus p for evaluation (paper: 0.9)")
@@ -389,6 +403,8 @@ def eval_flags(args, prompts):
         args.temperature,
         "--max-new-tokens",
         args.max_new_tokens,
+        "--min-new-tokens",
+        args.min_new_tokens,
         "--scorer",
         none(args.eval_scorer) or args.scorer,
         "--fluency-model",
@@ -445,6 +461,8 @@ def experiment(args):
                 args.num_samples,
                 "--max-new-tokens",
                 args.max_new_tokens,
+                "--min-new-tokens",
+                args.min_new_tokens,
                 "--top-p",
                 args.train_top_p,
                 "--temperature",
@@ -495,6 +513,7 @@ def experiment(args):
                     args.lr,
                     *(["--beta", args.beta, "--alpha", args.alpha] if alt else []),
                     *(["--eos-target"] if alt and args.eos_target else []),
+                    *(["--eos-free"] if alt and args.eos_free else []),
                     *(
                         ["--max-samples", args.train_samples]
                         if alt and args.train_samples > 0

@@ -122,6 +122,12 @@ def parse_args(argv=None):
         "toxicity code: never, its collator re-tokenises y's text; on, ALT learns to stop early)",
     )
     p.add_argument(
+        "--eos-free",
+        action="store_true",
+        help="leave EOS out of the NLL's softmax, so only the KL to p_0 moves the stop "
+        "probability (without it, every non-EOS target lowers EOS and y grows to the limit)",
+    )
+    p.add_argument(
         "--max-samples", type=int, help="random subset of N rows after filtering (paper: all)"
     )
     p.add_argument(
@@ -177,6 +183,8 @@ def parse_args(argv=None):
     for target, coef, name in ((a.target_kl, a.beta, "kl"), (a.target_entropy, a.alpha, "entropy")):
         if target is not None and not coef > 0:
             p.error(f"--target-{name} needs its coefficient (β or α) > 0")
+    if a.eos_target and a.eos_free:
+        p.error("--eos-target trains EOS and --eos-free leaves it out of the NLL: pick one")
     return a
 
 
@@ -370,11 +378,14 @@ def response_logprobs(model, batch):
     return logp.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1) * batch["resp_mask"]
 
 
-def alt_loss(logits, ref_logits, targets, resp_mask):
-    """Equation 1's three sums over a micro-batch's N response tokens -> (nll, kl, entropy), 0-d tensors."""
+def alt_loss(logits, ref_logits, targets, resp_mask, eos=None):
+    """Equation 1's three sums over a micro-batch's N response tokens -> (nll, kl, entropy), 0-d tensors.
+    eos: an id to leave out of the NLL's softmax (−log p_θ(y_t | f, x, y<t, no stop)); None: full softmax."""
     logp = torch.log_softmax(logits[resp_mask].float(), -1)  # [N, V]: real response positions only
     # NLL term: −log p_θ(y_t | f, x, y<t)
     nll = -logp.gather(-1, targets[resp_mask].unsqueeze(-1)).sum()
+    if eos is not None:  # renormalise over the non-EOS tokens: log(1 − p_θ(EOS)) per position
+        nll = nll + torch.log1p(-logp[:, eos].exp().clamp(max=1 - 1e-6)).sum()
     # H(p_θ(· | f, x, y<t)) = −Σ_v p_θ log p_θ (the loss has −α·H)
     entropy = -(logp.exp() * logp).sum()
     # KL(p_0(· | x, y<t) ‖ p_θ(· | f, x, y<t)) = Σ_v p_0 (log p_0 − log p_θ)
@@ -430,6 +441,7 @@ def main(argv=None):
     n_ctx = context_length(model)
     examples = encode_rows(rows, tok, n_ctx, reference=ref is not None, eos_target=args.eos_target)
     vocab = sampled_vocab(model, tok, args.model)
+    eos = tok.eos_token_id if args.eos_free else None
     counts["clipped_to_context"] = sum(e["clipped"] for e in examples)
     B, A = args.batch_size, args.grad_accum
     G = B * A * world  # the global batch of one optimizer step
@@ -478,7 +490,7 @@ def main(argv=None):
                 with torch.no_grad():
                     ref_logits = None if ref is None else response_logits(ref, rb, vocab)
                 logits = response_logits(fwd, pb, vocab)
-                nll, kl, entropy = alt_loss(logits, ref_logits, pb["targets"], pb["resp_mask"])
+                nll, kl, entropy = alt_loss(logits, ref_logits, pb["targets"], pb["resp_mask"], eos)
             # Equation 1 as Σ over y's tokens / N; × world as DDP averages the ranks' gradients
             L = (nll + beta * kl - alpha * entropy) * (world / n_resp)
             backward(L)

@@ -191,6 +191,32 @@ def test_kl_and_entropy_match_brute_force_and_kl_direction(tiny_model_dir):
     assert abs(ent_all.item() - ent.item()) > 1e-4 * ent.item()
 
 
+def test_eos_free_nll_is_the_nll_given_no_stop_and_leaves_eos_to_the_kl(tiny_model_dir):
+    policy, tok = common.load_policy(tiny_model_dir, "cpu", "float32")
+    ex, pol, _ = batch_of(tok, ROWS, reference=False)
+    eos, vocab = tok.eos_token_id, len(tok) - 1
+    logits = train.response_logits(policy, pol, vocab).detach().requires_grad_()
+    nll, _, _ = train.alt_loss(logits, None, pol["targets"], pol["resp_mask"], eos)
+    full, _, _ = train.alt_loss(logits, None, pol["targets"], pol["resp_mask"])
+    # brute force, token by token: −log p(y_t) / (1 − p(EOS)) with the EOS logit removed
+    want = 0.0
+    for b, t in pol["resp_mask"].nonzero().tolist():
+        row = logits[b, t].detach().double()
+        row[eos] = -math.inf
+        want -= torch.log_softmax(row, -1)[pol["targets"][b, t]].item()
+    assert nll.item() == pytest.approx(want, rel=1e-5)
+    assert full.item() > nll.item()  # the full softmax also pays for the EOS mass
+    (g,) = torch.autograd.grad(nll, logits)
+    assert g[..., eos].abs().max().item() < 1e-6  # NLL no longer pushes EOS down
+    (g_full,) = torch.autograd.grad(full, logits)
+    # the full softmax lowers EOS everywhere
+    assert g_full[pol["resp_mask"]][:, eos].min().item() > 0
+    with pytest.raises(SystemExit):
+        train.parse_args(
+            ["--data", "d", "--model", "m", "--out", "o", "--eos-target", "--eos-free"]
+        )
+
+
 def test_read_pool_skips_counts_and_rejects_unknown_tags(tmp_path):
     pool = make_pool(tmp_path / "pool.jsonl", n=24)
     rows = common.read_jsonl(pool)
