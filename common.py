@@ -100,6 +100,8 @@ def read_jsonl(path, required=(), allow_empty=False, partial_ok=False):
                 # a crash mid-append leaves at most one torn final line
                 break
             raise malformed_json(f"{path}:{i}", e) from None
+        except (ValueError, RecursionError) as e:  # an int over 4300 digits, nesting past the stack
+            raise AltError(f"{path}:{i}: unreadable JSON ({str(e).split(':')[0]})") from None
         if not isinstance(row, dict):
             raise AltError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
         for key in required:
@@ -155,6 +157,8 @@ def read_json(path, kind=dict):
         raise malformed_json(f"{path}:{e.lineno}", e) from None
     except UnicodeDecodeError as e:
         raise AltError(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x})") from None
+    except (ValueError, RecursionError) as e:  # an int over 4300 digits, nesting past the stack
+        raise AltError(f"{path}: unreadable JSON ({str(e).split(':')[0]})") from None
     if not isinstance(value, kind):
         raise AltError(
             f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, "
