@@ -64,7 +64,7 @@ def finite(lo=None, hi=None, kind=float, strict=False):
     def parse(text):
         value = kind(text)  # a ValueError is argparse's own "invalid float value: 'x'"
         low = lo is not None and (value <= lo if strict else value < lo)
-        if not math.isfinite(value) or low or (hi is not None and value > hi):
+        if not finite_number(value) or low or (hi is not None and value > hi):
             raise argparse.ArgumentTypeError(f"{need}, got {text!r}")
         return value
 
@@ -382,3 +382,12 @@ def seed_everything(seed):
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
+
+
+# ---- numbers (validation)
+def finite_number(value):
+    """A JSON/CLI number that fits a float (a bool is none): math.isfinite overflows on a huge int."""
+    try:
+        return type(value) in (int, float) and math.isfinite(value)
+    except OverflowError:
+        return False
