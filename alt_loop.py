@@ -336,8 +336,8 @@ def exemplar_flags(meta_file, dry=False):
     if dry:
         return ["--condition", f"<exemplar in {meta_file}>"]
     ex = common.read_json(meta_file).get("exemplar")
-    if ex is None:
-        raise AltError(f"{meta_file}: no exemplar feedback recorded")
+    if not isinstance(ex, str):
+        raise AltError(f"{meta_file}: no exemplar feedback recorded (a string), got {ex!r}")
     return ["--condition-pool", ex] if ex.endswith(".json") else ["--condition", ex]
 
 
