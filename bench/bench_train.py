@@ -264,7 +264,7 @@ def main():
     if slow > SLOW_BF16:
         dtypes = ("float32",)
         print(
-            f"[3] bf16 skipped: a 256x256 torch.mm is {slow:.0f}x slower in bf16 than in fp32 on this CPU "
+            f"[3] bf16 skipped: a 256x256 torch.mm is {slow:.1f}x slower in bf16 than in fp32 on this CPU "
             f"(no native bf16; skipped above {SLOW_BF16}x)"
         )
     mm = {dt: matmul_flops(getattr(torch, dt), device) for dt in dtypes}
