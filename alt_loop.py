@@ -123,19 +123,19 @@ def build_parser():
     )
     a(
         "--max-new-tokens",
-        type=int,
+        type=common.finite(1, kind=int),
         default=20,
         help="tokens per y, sampling and evaluation (paper: 20 toxicity, 64 TL;DR, 256 HH)",
     )
     a(
         "--temperature",
-        type=float,
+        type=common.finite(0),
         default=1.0,
         help="sampling temperature, sampling and evaluation (paper: 1.0; TL;DR sampling: 0.9)",
     )
     a(
         "--train-top-p",
-        type=float,
+        type=common.finite(0, 1, strict=True),
         default=0.9,
         help="nucleus p when sampling D (paper: 1.0; toy: "
         "0.9, since the weak toy LM's full-nucleus samples are mostly noise, costly to fit)",
@@ -149,34 +149,39 @@ def build_parser():
     )
     a(
         "--train-samples",
-        type=int,
+        type=common.finite(0, kind=int),
         default=2400,
         help="rows of D_k drawn for each iteration's "
         "training, 0 = all (official toxicity: 2,000 steps x batch 32; toy: 2400 = 75 steps)",
     )
     a(
         "--epochs",
-        type=int,
+        type=common.finite(1, kind=int),
         default=2,
         help="passes over those rows per iteration (paper: toxicity 1, TL;DR/HH 2; toy: 2)",
     )
     a(
         "--lr",
-        type=float,
+        type=common.finite(0, strict=True),
         default=1e-3,
         help="learning rate (paper: 1e-5 for GPT-2 large; the "
         "toy LM is 140x smaller, far from converged and trains 75 steps per iteration, so 100x)",
     )
-    a("--batch-size", type=int, default=32, help="train.py batch size (paper: 32; TL;DR: 8)")
+    a(
+        "--batch-size",
+        type=common.finite(1, kind=int),
+        default=32,
+        help="train.py batch size (paper: 32; TL;DR: 8)",
+    )
     a(
         "--beta",
-        type=float,
+        type=common.finite(0),
         default=0.05,
         help="train.py KL coefficient (paper: 0.05 toxicity, no KL for TL;DR and HH)",
     )
     a(
         "--alpha",
-        type=float,
+        type=common.finite(),
         default=0.0,
         help="train.py entropy coefficient (paper: 0.06; toy: 0, "
         "since at the toy's lr the bonus outweighs what the tags teach and doubles perplexity)",
@@ -189,7 +194,12 @@ def build_parser():
         "a y that stopped (official toxicity code: no; without it the toy learns never to stop)",
     )
     a("--eval-samples", type=int, default=10, help="y per eval prompt (paper: 25; toy: 10)")
-    a("--eval-top-p", type=float, default=0.9, help="nucleus p for evaluation (paper: 0.9)")
+    a(
+        "--eval-top-p",
+        type=common.finite(0, 1, strict=True),
+        default=0.9,
+        help="nucleus p for evaluation (paper: 0.9)",
+    )
     a(
         "--eval-scorer",
         default="profanity-check",
@@ -210,7 +220,12 @@ def build_parser():
         choices=("python", "torchrun", "deepspeed"),
         help="how train.py is started",
     )
-    a("--nproc", type=int, default=2, help="processes for --launcher torchrun|deepspeed")
+    a(
+        "--nproc",
+        type=common.finite(1, kind=int),
+        default=2,
+        help="processes for --launcher torchrun|deepspeed",
+    )
     a("--base-url", default=None, help="OpenAI-compatible judge (alt-lmc, alt-lmu, steerlm)")
     a("--llm-model", default=None, help="judge model name for the LLM methods")
     # ---- pass-through: any stage flag, e.g. --train-args "--beta 0.1 --alpha 0"
@@ -257,6 +272,18 @@ def parse_args(argv=None):
             f"--method {args.method} asks an LLM judge: give --base-url (any OpenAI-compatible "
             f"server)"
         )
+    for stage in (
+        "sample",
+        "feedback",
+        "train",
+        "eval",
+    ):  # split now: config.json is not written yet
+        try:
+            shlex.split(getattr(args, f"{stage}_args"))
+        except ValueError as e:
+            raise AltError(
+                f"--{stage}-args {getattr(args, f'{stage}_args')!r}: {e} (split as a shell would)"
+            ) from None
     name = args.preset or "toy"
     args.out = args.out or os.path.join(
         "runs",

@@ -223,3 +223,22 @@ def test_alt_lmc_loop_against_the_stub_judge(tiny_model_dir, tmp_path):
     assert {r["feedback"] for r in pool} <= set(cats) and all(r["feedback"] for r in pool)
     assert json.load(open(out / "iter_1" / "model" / "train_summary.json"))["method"] == "alt-lmc"
     assert os.path.exists(out / "iter_1" / "eval" / "eval.json")
+
+
+@pytest.mark.parametrize(
+    "argv, error",
+    [
+        (["--eval-args", "--max-new-tokens '5"], "--eval-args \"--max-new-tokens '5\": No closing"),
+        (["--sample-args", "--top-p '0.5"], "--sample-args \"--top-p '0.5\": No closing"),
+        (["--lr", "nan"], "argument --lr: must be a finite number > 0, got 'nan'"),
+        (["--train-top-p", "1.5"], "argument --train-top-p: must be a finite number > 0 and <= 1"),
+    ],
+)
+def test_bad_arguments_are_refused_before_config_json(tmp_path, capsys, argv, error):
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--model", str(tmp_path / "no-model"), *argv]
+    with pytest.raises(SystemExit) as e:
+        common.cli(lambda: alt_loop.main(argv))
+    assert e.value.code == 2 and error in capsys.readouterr().err
+    # nothing written: the corrected command is not refused for differing settings
+    assert not out.exists()
