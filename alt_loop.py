@@ -368,6 +368,23 @@ def exemplar_flags(meta_file, dry=False):
     return ["--condition-pool", ex] if ex.endswith(".json") else ["--condition", ex]
 
 
+PATHS = ("model", "train_prompts", "eval_prompts", "prompts_dir", "out", "fluency_model")
+SCORERS = ("scorer", "eval_scorer", "extra_scorer")  # hf:MODEL[:LABEL] holds a path
+
+
+def same_path(key, value):
+    """A flag's value as compared in config.json: ./w/run, w/run and /abs/w/run are one local path; a name that is
+    no local file (a Hub model, profanity-check) is only normalised, so it means the same from any folder."""
+    if not isinstance(value, str) or key not in PATHS + SCORERS:
+        return value
+    if key in SCORERS:
+        if not value.startswith("hf:"):
+            return value
+        name, sep, label = value[3:].partition(":")
+        return "hf:" + same_path("model", name) + sep + label
+    return os.path.realpath(value) if os.path.exists(value) else os.path.normpath(value)
+
+
 def check_config(args):
     """config.json is written once; a rerun with other settings would mix two experiments."""
     keep = {k: v for k, v in vars(args).items() if k not in ("compare", "iterations", "dry_run")}
@@ -377,7 +394,8 @@ def check_config(args):
         diff = [
             f"--{k.replace('_', '-')} {keep.get(k)!r} (was {old.get(k, default.get(k))!r})"
             for k in sorted(set(old) | set(keep))
-            if k not in ("iterations", "preset") and old.get(k, default.get(k)) != keep.get(k)
+            if k not in ("iterations", "preset")
+            and same_path(k, old.get(k, default.get(k))) != same_path(k, keep.get(k))
         ]
         if diff:
             raise AltError(

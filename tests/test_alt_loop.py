@@ -12,6 +12,7 @@ import pytest
 
 import alt_loop
 import common
+from common import AltError
 from conftest import ROOT
 from stub_servers import openai_stub
 
@@ -228,8 +229,8 @@ def test_alt_lmc_loop_against_the_stub_judge(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize(
     "argv, error",
     [
-        (["--eval-args", "--max-new-tokens '5"], "--eval-args \"--max-new-tokens '5\": No closing"),
-        (["--sample-args", "--top-p '0.5"], "--sample-args \"--top-p '0.5\": No closing"),
+        (["--eval-args", "--max-new-tokens '5"], '--eval-args "--max-new-tokens \'5": No closing'),
+        (["--sample-args", "--top-p '0.5"], '--sample-args "--top-p \'0.5": No closing'),
         (["--lr", "nan"], "argument --lr: must be a finite number > 0, got 'nan'"),
         (["--train-top-p", "1.5"], "argument --train-top-p: must be a finite number > 0 and <= 1"),
     ],
@@ -242,3 +243,16 @@ def test_bad_arguments_are_refused_before_config_json(tmp_path, capsys, argv, er
     assert e.value.code == 2 and error in capsys.readouterr().err
     # nothing written: the corrected command is not refused for differing settings
     assert not out.exists()
+
+
+def test_config_compares_paths_not_their_spelling(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n')
+    first = ["--out", "./w/run", "--model", "m", "--eval-prompts", "p.jsonl", "--scorer", "hf:m"]
+    alt_loop.check_config(alt_loop.parse_args(first))
+    same = ["--out", "w/run", "--model", str(tmp_path / "m"), "--eval-prompts", "./p.jsonl"]
+    alt_loop.check_config(alt_loop.parse_args([*same, "--scorer", f"hf:{tmp_path}/m/"]))
+    alt_loop.check_config(alt_loop.parse_args([*same, "--scorer", "hf:./m"]))
+    with pytest.raises(AltError, match=r"--model 'm2' \(was"):  # another path is another setting
+        alt_loop.check_config(alt_loop.parse_args([*same[:2], "--model", "m2", *same[4:]]))
