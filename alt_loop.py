@@ -34,6 +34,7 @@ import argparse
 import glob
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -331,11 +332,43 @@ def run(cmd, done_path, dry=False):
         return
     print(f"\n[alt_loop] $ {shown}", flush=True)
     t0 = time.time()
-    if subprocess.run(cmd, check=False, env=child_env()).returncode != 0:
+    if run_stage(cmd) != 0:
         raise AltError(f"stage failed: {shown}")
     if not os.path.exists(done_path):
         raise AltError(f"stage exited 0 but wrote no {done_path}: {shown}")
     print(f"[alt_loop] ({time.time() - t0:.0f} s)", flush=True)
+
+
+def run_stage(cmd):
+    """Run cmd and return its exit code. SIGINT/SIGTERM to alt_loop go on to the stage, which is waited for (else
+    it would run on, orphaned); then alt_loop stops with one line. A terminal's Ctrl-C reaches the stage too: the
+    forwarded copy merges with it, or counts as a second Ctrl-C."""
+    got, proc = [], None
+
+    def forward(signum, frame):
+        got.append(signum)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signum)
+
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # nohup and background jobs ignore SIGINT: so does alt_loop then
+        if signal.getsignal(sig) != signal.SIG_IGN:
+            old[sig] = signal.signal(sig, forward)
+    try:
+        proc = subprocess.Popen(cmd, env=child_env())
+        if got:  # a signal before Popen returned
+            proc.send_signal(got[0])
+        code = proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if got:
+        raise AltError(
+            f"stopped by {signal.Signals(got[0]).name}; the stage exited {code}. Run the same "
+            "command to resume"
+        )
+    return code
 
 
 def py(script, *flags):

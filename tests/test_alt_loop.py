@@ -1,5 +1,6 @@
 """alt_loop.py: a real 2-iteration run on the tiny GPT-2, kill-and-resume during train, config mismatch, alt-lmc loop."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -256,3 +257,48 @@ def test_config_compares_paths_not_their_spelling(tmp_path, monkeypatch, capsys)
     alt_loop.check_config(alt_loop.parse_args([*same, "--scorer", "hf:./m"]))
     with pytest.raises(AltError, match=r"--model 'm2' \(was"):  # another path is another setting
         alt_loop.check_config(alt_loop.parse_args([*same[:2], "--model", "m2", *same[4:]]))
+
+
+def children(pid):
+    """Pids whose parent is pid (Linux /proc)."""
+    kids = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        kids += [int(d)] if ppid == pid else []
+    return kids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_running_stage_too(tiny_model_dir, tmp_path, sig):
+    out = tmp_path / "run"
+    # 500 y per eval prompt: the first stage runs long enough to be stopped
+    argv = loop_argv(tiny_model_dir, tmp_path, out, "--iterations", "1", "--eval-samples", "500")
+    proc = subprocess.Popen(
+        [sys.executable, LOOP, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        for line in proc.stdout:
+            if line.startswith("[alt_loop] $ "):
+                break
+        deadline = time.time() + 60
+        while not (kids := children(proc.pid)) and time.time() < deadline:
+            time.sleep(0.05)
+        assert len(kids) == 1, "the stage did not start"
+        os.kill(proc.pid, sig)  # alt_loop only, as a scheduler would
+        assert proc.wait(timeout=60) == 2
+        last = proc.stderr.read().strip().splitlines()[-1]
+        assert last.startswith(f"alt_loop.py: error: stopped by {sig.name}; the stage exited ")
+        assert not os.path.exists(f"/proc/{kids[0]}"), "the stage runs on"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
