@@ -62,6 +62,7 @@ CURVES = (
     ("dist_3", "dist-3"),
 )
 NOT_IN_PRESETS = ("preset", "dry_run", "compare")
+LOCK = "alt_loop.lock"  # in the run folder: pid and host of the alt_loop running it
 
 
 def build_parser():
@@ -479,16 +480,26 @@ def eval_flags(args, prompts):
 
 
 def experiment(args):
-    dry, p0, out = args.dry_run, args.model, args.out
-    if not dry:
-        for f in (args.train_prompts, args.eval_prompts) if args.prompts_dir else ():
-            if not os.path.isfile(f):
-                raise AltError(
-                    f"{f}: no such file (the paper's RTP splits: python "
-                    f"prepare_rtp_splits.py --out {args.prompts_dir})"
-                )
-        check_hub(args)
+    if args.dry_run:
+        return stages(args)
+    for f in (args.train_prompts, args.eval_prompts) if args.prompts_dir else ():
+        if not os.path.isfile(f):
+            raise AltError(
+                f"{f}: no such file (the paper's RTP splits: python "
+                f"prepare_rtp_splits.py --out {args.prompts_dir})"
+            )
+    check_hub(args)
+    # a second alt_loop on this folder would race this one's stages and side files
+    lock = common.hold_lock(os.path.join(args.out, LOCK))
+    try:
         check_config(args)
+        stages(args)
+    finally:
+        os.close(lock)
+
+
+def stages(args):
+    dry, p0, out = args.dry_run, args.model, args.out
     ev = eval_flags(args, args.eval_prompts)
     if dry:
         print("# k = 0: p_0's baseline")

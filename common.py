@@ -391,3 +391,26 @@ def finite_number(value):
         return type(value) in (int, float) and math.isfinite(value)
     except OverflowError:
         return False
+
+
+# ---- locks (bookkeeping)
+def hold_lock(path):
+    """An exclusive flock on `path` (created) for as long as the returned fd stays open (the kernel drops it when
+    the process dies, so a stale file never blocks). Held elsewhere: AltError naming the holder's pid and host."""
+    import fcntl
+    import socket
+
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise AltError(f"{path}: cannot open the lock file ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "a process"
+        os.close(fd)
+        raise AltError(f"{path} is held by {holder}: another run is using it") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    return fd

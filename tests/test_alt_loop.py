@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -302,3 +303,25 @@ def test_a_signal_stops_the_running_stage_too(tiny_model_dir, tmp_path, sig):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_a_second_alt_loop_on_the_same_folder_is_refused(tmp_path, capsys):
+    lock = tmp_path / "run" / "alt_loop.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(lock)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(SystemExit) as e:
+            common.cli(lambda: alt_loop.main(["--out", str(lock.parent), "--model", "no-model"]))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.splitlines()) == 1
+        assert f"alt_loop.lock is held by pid {holder.pid} on {socket.gethostname()}" in err
+        assert not (lock.parent / "config.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    os.close(common.hold_lock(str(lock)))  # the holder died: its lock file blocks no one
+
+
+HOLD = "import sys, time, common; common.hold_lock(sys.argv[1]); print('held', flush=True); time.sleep(60)"
