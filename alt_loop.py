@@ -16,6 +16,7 @@ command line win. --dry-run prints every stage command of every iteration and ru
 
 Run folder:  runs/NAME/config.json               the resolved flags, written once (a rerun
                                                  must match)
+             runs/NAME/alt_loop.lock             flock held by the running alt_loop (its pid, host)
              runs/NAME/iter_0/eval/              p_0's evaluation
              runs/NAME/iter_k/{samples.jsonl, pool.jsonl, pool.meta.json, model/, eval/}
              runs/NAME/curves.png, results.md    redrawn after every iteration
