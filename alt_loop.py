@@ -16,6 +16,7 @@ command line win. --dry-run prints every stage command of every iteration and ru
 
 Run folder:  runs/NAME/config.json               the resolved flags, written once (a rerun
                                                  must match)
+             runs/NAME/alt_loop.lock             flock held by the running alt_loop (its pid, host)
              runs/NAME/iter_0/eval/              p_0's evaluation
              runs/NAME/iter_k/{samples.jsonl, pool.jsonl, pool.meta.json, model/, eval/}
              runs/NAME/curves.png, results.md    redrawn after every iteration
@@ -34,6 +35,7 @@ import argparse
 import glob
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -61,6 +63,7 @@ CURVES = (
     ("dist_3", "dist-3"),
 )
 NOT_IN_PRESETS = ("preset", "dry_run", "compare")
+LOCK = "alt_loop.lock"  # in the run folder: pid and host of the alt_loop running it
 
 
 def build_parser():
@@ -123,7 +126,7 @@ def build_parser():
     )
     a(
         "--max-new-tokens",
-        type=int,
+        type=common.finite(1, kind=int),
         default=20,
         help="tokens per y, sampling and evaluation (paper: 20 toxicity, 64 TL;DR, 256 HH)",
     )
@@ -136,13 +139,13 @@ def build_parser():
     )
     a(
         "--temperature",
-        type=float,
+        type=common.finite(0),
         default=1.0,
         help="sampling temperature, sampling and evaluation (paper: 1.0; TL;DR sampling: 0.9)",
     )
     a(
         "--train-top-p",
-        type=float,
+        type=common.finite(0, 1, strict=True),
         default=0.9,
         help="nucleus p when sampling D (paper: 1.0; toy: "
         "0.9, since the weak toy LM's full-nucleus samples are mostly noise, costly to fit)",
@@ -156,34 +159,39 @@ def build_parser():
     )
     a(
         "--train-samples",
-        type=int,
+        type=common.finite(0, kind=int),
         default=2400,
         help="rows of D_k drawn for each iteration's "
         "training, 0 = all (official toxicity: 2,000 steps x batch 32; toy: 2400 = 75 steps)",
     )
     a(
         "--epochs",
-        type=int,
+        type=common.finite(1, kind=int),
         default=2,
         help="passes over those rows per iteration (paper: toxicity 1, TL;DR/HH 2; toy: 2)",
     )
     a(
         "--lr",
-        type=float,
+        type=common.finite(0, strict=True),
         default=1e-3,
         help="learning rate (paper: 1e-5 for GPT-2 large; the "
         "toy LM is 140x smaller, far from converged and trains 75 steps per iteration, so 100x)",
     )
-    a("--batch-size", type=int, default=32, help="train.py batch size (paper: 32; TL;DR: 8)")
+    a(
+        "--batch-size",
+        type=common.finite(1, kind=int),
+        default=32,
+        help="train.py batch size (paper: 32; TL;DR: 8)",
+    )
     a(
         "--beta",
-        type=float,
+        type=common.finite(0),
         default=0.05,
         help="train.py KL coefficient (paper: 0.05 toxicity, no KL for TL;DR and HH)",
     )
     a(
         "--alpha",
-        type=float,
+        type=common.finite(),
         default=0.0,
         help="train.py entropy coefficient (paper: 0.06; toy: 0, "
         "since at the toy's lr the bonus outweighs what the tags teach and doubles perplexity)",
@@ -203,7 +211,12 @@ def build_parser():
         "stops (official: no; without it the toy's y grow to the limit)",
     )
     a("--eval-samples", type=int, default=10, help="y per eval prompt (paper: 25; toy: 10)")
-    a("--eval-top-p", type=float, default=0.9, help="nucleus p for evaluation (paper: 0.9)")
+    a(
+        "--eval-top-p",
+        type=common.finite(0, 1, strict=True),
+        default=0.9,
+        help="nucleus p for evaluation (paper: 0.9)",
+    )
     a(
         "--eval-scorer",
         default="profanity-check",
@@ -224,7 +237,12 @@ def build_parser():
         choices=("python", "torchrun", "deepspeed"),
         help="how train.py is started",
     )
-    a("--nproc", type=int, default=2, help="processes for --launcher torchrun|deepspeed")
+    a(
+        "--nproc",
+        type=common.finite(1, kind=int),
+        default=2,
+        help="processes for --launcher torchrun|deepspeed",
+    )
     a("--base-url", default=None, help="OpenAI-compatible judge (alt-lmc, alt-lmu, steerlm)")
     a("--llm-model", default=None, help="judge model name for the LLM methods")
     # ---- pass-through: any stage flag, e.g. --train-args "--beta 0.1 --alpha 0"
@@ -271,6 +289,18 @@ def parse_args(argv=None):
             f"--method {args.method} asks an LLM judge: give --base-url (any OpenAI-compatible "
             f"server)"
         )
+    for stage in (
+        "sample",
+        "feedback",
+        "train",
+        "eval",
+    ):  # split now: config.json is not written yet
+        try:
+            shlex.split(getattr(args, f"{stage}_args"))
+        except ValueError as e:
+            raise AltError(
+                f"--{stage}-args {getattr(args, f'{stage}_args')!r}: {e} (split as a shell would)"
+            ) from None
     name = args.preset or "toy"
     args.out = args.out or os.path.join(
         "runs",
@@ -318,11 +348,43 @@ def run(cmd, done_path, dry=False):
         return
     print(f"\n[alt_loop] $ {shown}", flush=True)
     t0 = time.time()
-    if subprocess.run(cmd, check=False, env=child_env()).returncode != 0:
+    if run_stage(cmd) != 0:
         raise AltError(f"stage failed: {shown}")
     if not os.path.exists(done_path):
         raise AltError(f"stage exited 0 but wrote no {done_path}: {shown}")
     print(f"[alt_loop] ({time.time() - t0:.0f} s)", flush=True)
+
+
+def run_stage(cmd):
+    """Run cmd and return its exit code. SIGINT/SIGTERM to alt_loop go on to the stage, which is waited for (else
+    it would run on, orphaned); then alt_loop stops with one line. A terminal's Ctrl-C reaches the stage too: the
+    forwarded copy merges with it, or counts as a second Ctrl-C."""
+    got, proc = [], None
+
+    def forward(signum, frame):
+        got.append(signum)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signum)
+
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # nohup and background jobs ignore SIGINT: so does alt_loop then
+        if signal.getsignal(sig) != signal.SIG_IGN:
+            old[sig] = signal.signal(sig, forward)
+    try:
+        proc = subprocess.Popen(cmd, env=child_env())
+        if got:  # a signal before Popen returned
+            proc.send_signal(got[0])
+        code = proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if got:
+        raise AltError(
+            f"stopped by {signal.Signals(got[0]).name}; the stage exited {code}. Run the same "
+            "command to resume"
+        )
+    return code
 
 
 def py(script, *flags):
@@ -350,9 +412,26 @@ def exemplar_flags(meta_file, dry=False):
     if dry:
         return ["--condition", f"<exemplar in {meta_file}>"]
     ex = common.read_json(meta_file).get("exemplar")
-    if ex is None:
-        raise AltError(f"{meta_file}: no exemplar feedback recorded")
+    if not isinstance(ex, str):
+        raise AltError(f"{meta_file}: no exemplar feedback recorded (a string), got {ex!r}")
     return ["--condition-pool", ex] if ex.endswith(".json") else ["--condition", ex]
+
+
+PATHS = ("model", "train_prompts", "eval_prompts", "prompts_dir", "out", "fluency_model")
+SCORERS = ("scorer", "eval_scorer", "extra_scorer")  # hf:MODEL[:LABEL] holds a path
+
+
+def same_path(key, value):
+    """A flag's value as compared in config.json: ./w/run, w/run and /abs/w/run are one local path; a name that is
+    no local file (a Hub model, profanity-check) is only normalised, so it means the same from any folder."""
+    if not isinstance(value, str) or key not in PATHS + SCORERS:
+        return value
+    if key in SCORERS:
+        if not value.startswith("hf:"):
+            return value
+        name, sep, label = value[3:].partition(":")
+        return "hf:" + same_path("model", name) + sep + label
+    return os.path.realpath(value) if os.path.exists(value) else os.path.normpath(value)
 
 
 def check_config(args):
@@ -364,7 +443,8 @@ def check_config(args):
         diff = [
             f"--{k.replace('_', '-')} {keep.get(k)!r} (was {old.get(k, default.get(k))!r})"
             for k in sorted(set(old) | set(keep))
-            if k not in ("iterations", "preset") and old.get(k, default.get(k)) != keep.get(k)
+            if k not in ("iterations", "preset")
+            and same_path(k, old.get(k, default.get(k))) != same_path(k, keep.get(k))
         ]
         if diff:
             raise AltError(
@@ -417,16 +497,26 @@ def eval_flags(args, prompts):
 
 
 def experiment(args):
-    dry, p0, out = args.dry_run, args.model, args.out
-    if not dry:
-        for f in (args.train_prompts, args.eval_prompts) if args.prompts_dir else ():
-            if not os.path.isfile(f):
-                raise AltError(
-                    f"{f}: no such file (the paper's RTP splits: python "
-                    f"prepare_rtp_splits.py --out {args.prompts_dir})"
-                )
-        check_hub(args)
+    if args.dry_run:
+        return stages(args)
+    for f in (args.train_prompts, args.eval_prompts) if args.prompts_dir else ():
+        if not os.path.isfile(f):
+            raise AltError(
+                f"{f}: no such file (the paper's RTP splits: python "
+                f"prepare_rtp_splits.py --out {args.prompts_dir})"
+            )
+    check_hub(args)
+    # a second alt_loop on this folder would race this one's stages and side files
+    lock = common.hold_lock(os.path.join(args.out, LOCK))
+    try:
         check_config(args)
+        stages(args)
+    finally:
+        os.close(lock)
+
+
+def stages(args):
+    dry, p0, out = args.dry_run, args.model, args.out
     ev = eval_flags(args, args.eval_prompts)
     if dry:
         print("# k = 0: p_0's baseline")

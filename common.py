@@ -64,7 +64,7 @@ def finite(lo=None, hi=None, kind=float, strict=False):
     def parse(text):
         value = kind(text)  # a ValueError is argparse's own "invalid float value: 'x'"
         low = lo is not None and (value <= lo if strict else value < lo)
-        if not math.isfinite(value) or low or (hi is not None and value > hi):
+        if not finite_number(value) or low or (hi is not None and value > hi):
             raise argparse.ArgumentTypeError(f"{need}, got {text!r}")
         return value
 
@@ -100,6 +100,8 @@ def read_jsonl(path, required=(), allow_empty=False, partial_ok=False):
                 # a crash mid-append leaves at most one torn final line
                 break
             raise malformed_json(f"{path}:{i}", e) from None
+        except (ValueError, RecursionError) as e:  # an int over 4300 digits, nesting past the stack
+            raise AltError(f"{path}:{i}: unreadable JSON ({str(e).split(':')[0]})") from None
         if not isinstance(row, dict):
             raise AltError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
         for key in required:
@@ -155,6 +157,8 @@ def read_json(path, kind=dict):
         raise malformed_json(f"{path}:{e.lineno}", e) from None
     except UnicodeDecodeError as e:
         raise AltError(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x})") from None
+    except (ValueError, RecursionError) as e:  # an int over 4300 digits, nesting past the stack
+        raise AltError(f"{path}: unreadable JSON ({str(e).split(':')[0]})") from None
     if not isinstance(value, kind):
         raise AltError(
             f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, "
@@ -378,3 +382,35 @@ def seed_everything(seed):
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
+
+
+# ---- numbers (validation)
+def finite_number(value):
+    """A JSON/CLI number that fits a float (a bool is none): math.isfinite overflows on a huge int."""
+    try:
+        return type(value) in (int, float) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+# ---- locks (bookkeeping)
+def hold_lock(path):
+    """An exclusive flock on `path` (created) for as long as the returned fd stays open (the kernel drops it when
+    the process dies, so a stale file never blocks). Held elsewhere: AltError naming the holder's pid and host."""
+    import fcntl
+    import socket
+
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise AltError(f"{path}: cannot open the lock file ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "a process"
+        os.close(fd)
+        raise AltError(f"{path} is held by {holder}: another run is using it") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    return fd

@@ -52,6 +52,7 @@ from common import (
     append_jsonl,
     cli,
     finite,
+    finite_number,
     hub_unreachable,
     quantile_token,
     read_json,
@@ -492,9 +493,7 @@ def load_inputs(args, tags):
                         f"({mp})"
                     )
         for i, r in enumerate(pool, 1):
-            if r["reward"] is not None and not (
-                isinstance(r["reward"], (int, float)) and math.isfinite(r["reward"])
-            ):
+            if r["reward"] is not None and not finite_number(r["reward"]):
                 raise AltError(
                     f"{args.pool}:{i}: reward must be a finite number or null, got {r['reward']!r}"
                 )

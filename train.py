@@ -193,8 +193,9 @@ def read_meta(pool, expect_method=None):
     """POOL's sidecar meta ({} when absent): method, tags (the feedback vocabulary), exemplar."""
     path = meta_path(pool)
     meta = common.read_json(path) if os.path.exists(path) else {}
-    if not isinstance(meta.get("tags") or [], list):
-        raise AltError(f"{path}: 'tags' must be a list")
+    tags = meta.get("tags") or []
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise AltError(f"{path}: 'tags' must be a list of strings")
     if expect_method and meta.get("method") != expect_method:
         raise AltError(f"{path}: pool method {meta.get('method')!r}, expected {expect_method!r}")
     return meta

@@ -124,7 +124,7 @@ def make_pairs(rows, path, lines=None, min_margin=0.0):
         rew = r["reward"]
         if rew is None:
             counts["null_reward"] += 1
-        elif isinstance(rew, bool) or not isinstance(rew, (int, float)) or not math.isfinite(rew):
+        elif not common.finite_number(rew):
             raise AltError(f"{path}:{line}: 'reward' must be a finite number or null, got {rew!r}")
         elif not r["generation"]:
             counts["empty_generation"] += 1

@@ -13,6 +13,7 @@ Without toy/model it benchmarks a randomly initialised 4-layer x 256 GPT-2 with 
 import argparse
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
@@ -68,6 +69,9 @@ p.add_argument(
     help="CPU threads (default 0 = torch's; 1 on a machine shared with other jobs)",
 )
 args = p.parse_args()
+if not os.path.isfile(args.prompts):  # one line, before the model load
+    print(f"bench_sample: error: --prompts {args.prompts}: no such file", file=sys.stderr)
+    sys.exit(2)
 device, dtype = common.default_device_dtype()
 device, dtype = args.device or device, args.dtype or dtype
 if device == "cpu" and args.threads > 0:
@@ -99,11 +103,7 @@ else:
     tok.save_pretrained(tmp)
     model, tok = common.load_policy(tmp, device, dtype)
     what = "random 4x256 GPT-2 (toy/model absent)"
-every = (
-    [r["prompt"] for r in common.load_prompts(args.prompts)]
-    if os.path.isfile(args.prompts)
-    else tiny_texts(args.num_prompts)
-)
+every = [r["prompt"] for r in common.load_prompts(args.prompts)]
 every = [x for x in every if x.strip()]
 n_prompts = args.num_prompts or len(every)
 prompts = (every * (1 + n_prompts // len(every)))[:n_prompts]

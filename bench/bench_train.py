@@ -32,6 +32,7 @@ from sample import generate_batched
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAGS = TAG_SETS["toxicity"]
+SLOW_BF16 = 4  # bf16 this many times slower than fp32 means emulated: skip the bf16 part
 
 
 def toy_model(tmp):
@@ -140,6 +141,21 @@ def matmul_flops(dtype, device, n=2048, windows=5, seconds=0.4):
     return best
 
 
+def bf16_slowdown(n=256, reps=5):
+    """CPU torch.mm time in bf16 / in fp32 (best of reps): >> 1 where the CPU lacks native bf16 and emulates it."""
+    best = {}
+    for dt in (torch.float32, torch.bfloat16):
+        a, b = (torch.randn(n, n, dtype=dt) for _ in range(2))
+        torch.mm(a, b)  # warm-up
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t0)
+        best[dt] = min(times)
+    return best[torch.bfloat16] / best[torch.float32]
+
+
 def gpt2_small_flops(device, bf16, batch, prefix, resp, steps):
     """6 * params * tokens/s of train.py's step pieces on a random GPT-2-small shape (β=0: the policy's own step)."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -242,10 +258,16 @@ def main():
         )
 
     # [3] the toxicity batch shape (paper: batch 32, ~20-token x and y) on GPT-2-small; CPU also trains in fp32
-    mm = {
-        dt: matmul_flops(getattr(torch, dt), device)
-        for dt in (("bfloat16",) if cuda else ("float32", "bfloat16"))
-    }
+    dtypes = ("bfloat16",) if cuda else ("float32", "bfloat16")
+    slow = 1.0 if cuda else bf16_slowdown()
+    # emulated bf16 (e.g. AVX2 only): the bf16 part alone would take many minutes
+    if slow > SLOW_BF16:
+        dtypes = ("float32",)
+        print(
+            f"[3] bf16 skipped: a 256x256 torch.mm is {slow:.1f}x slower in bf16 than in fp32 on this CPU "
+            f"(no native bf16; skipped above {SLOW_BF16}x)"
+        )
+    mm = {dt: matmul_flops(getattr(torch, dt), device) for dt in dtypes}
     batch, prefix, resp, n = (32, 64, 64, 10) if cuda else (32, 20, 20, 1 if args.quick else 2)
     print("[3] torch.mm " + ", ".join(f"{k}: {v / 1e9:,.1f} GFLOP/s" for k, v in mm.items()))
     mfu = {}

@@ -1,9 +1,11 @@
 """alt_loop.py: a real 2-iteration run on the tiny GPT-2, kill-and-resume during train, config mismatch, alt-lmc loop."""
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +14,7 @@ import pytest
 
 import alt_loop
 import common
+from common import AltError
 from conftest import ROOT
 from stub_servers import openai_stub
 
@@ -223,3 +226,102 @@ def test_alt_lmc_loop_against_the_stub_judge(tiny_model_dir, tmp_path):
     assert {r["feedback"] for r in pool} <= set(cats) and all(r["feedback"] for r in pool)
     assert json.load(open(out / "iter_1" / "model" / "train_summary.json"))["method"] == "alt-lmc"
     assert os.path.exists(out / "iter_1" / "eval" / "eval.json")
+
+
+@pytest.mark.parametrize(
+    "argv, error",
+    [
+        (["--eval-args", "--max-new-tokens '5"], '--eval-args "--max-new-tokens \'5": No closing'),
+        (["--sample-args", "--top-p '0.5"], '--sample-args "--top-p \'0.5": No closing'),
+        (["--lr", "nan"], "argument --lr: must be a finite number > 0, got 'nan'"),
+        (["--train-top-p", "1.5"], "argument --train-top-p: must be a finite number > 0 and <= 1"),
+    ],
+)
+def test_bad_arguments_are_refused_before_config_json(tmp_path, capsys, argv, error):
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--model", str(tmp_path / "no-model"), *argv]
+    with pytest.raises(SystemExit) as e:
+        common.cli(lambda: alt_loop.main(argv))
+    assert e.value.code == 2 and error in capsys.readouterr().err
+    # nothing written: the corrected command is not refused for differing settings
+    assert not out.exists()
+
+
+def test_config_compares_paths_not_their_spelling(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n')
+    first = ["--out", "./w/run", "--model", "m", "--eval-prompts", "p.jsonl", "--scorer", "hf:m"]
+    alt_loop.check_config(alt_loop.parse_args(first))
+    same = ["--out", "w/run", "--model", str(tmp_path / "m"), "--eval-prompts", "./p.jsonl"]
+    alt_loop.check_config(alt_loop.parse_args([*same, "--scorer", f"hf:{tmp_path}/m/"]))
+    alt_loop.check_config(alt_loop.parse_args([*same, "--scorer", "hf:./m"]))
+    with pytest.raises(AltError, match=r"--model 'm2' \(was"):  # another path is another setting
+        alt_loop.check_config(alt_loop.parse_args([*same[:2], "--model", "m2", *same[4:]]))
+
+
+def children(pid):
+    """Pids whose parent is pid (Linux /proc)."""
+    kids = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        kids += [int(d)] if ppid == pid else []
+    return kids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_running_stage_too(tiny_model_dir, tmp_path, sig):
+    out = tmp_path / "run"
+    # 500 y per eval prompt: the first stage runs long enough to be stopped
+    argv = loop_argv(tiny_model_dir, tmp_path, out, "--iterations", "1", "--eval-samples", "500")
+    proc = subprocess.Popen(
+        [sys.executable, LOOP, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        for line in proc.stdout:
+            if line.startswith("[alt_loop] $ "):
+                break
+        deadline = time.time() + 60
+        while not (kids := children(proc.pid)) and time.time() < deadline:
+            time.sleep(0.05)
+        assert len(kids) == 1, "the stage did not start"
+        os.kill(proc.pid, sig)  # alt_loop only, as a scheduler would
+        assert proc.wait(timeout=60) == 2
+        last = proc.stderr.read().strip().splitlines()[-1]
+        assert last.startswith(f"alt_loop.py: error: stopped by {sig.name}; the stage exited ")
+        assert not os.path.exists(f"/proc/{kids[0]}"), "the stage runs on"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_a_second_alt_loop_on_the_same_folder_is_refused(tmp_path, capsys):
+    lock = tmp_path / "run" / "alt_loop.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(lock)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(SystemExit) as e:
+            common.cli(lambda: alt_loop.main(["--out", str(lock.parent), "--model", "no-model"]))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.splitlines()) == 1
+        assert f"alt_loop.lock is held by pid {holder.pid} on {socket.gethostname()}" in err
+        assert not (lock.parent / "config.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    os.close(common.hold_lock(str(lock)))  # the holder died: its lock file blocks no one
+
+
+HOLD = "import sys, time, common; common.hold_lock(sys.argv[1]); print('held', flush=True); time.sleep(60)"
