@@ -35,11 +35,10 @@ import time
 
 import torch
 
+import bookkeeping
 import common
-from common import AltError
-
-# POOL minus ".jsonl" plus ".meta.json": the stage that writes it owns the name
-from feedback import meta_path
+from bookkeeping import AltError
+from common import meta_path
 
 
 def parse_args(argv=None):
@@ -60,13 +59,13 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument(
         "--beta",
-        type=common.finite(0),
+        type=bookkeeping.finite(0),
         default=0.05,
         help="KL coefficient β (paper, toxicity: 0.05)",
     )
     p.add_argument(
         "--alpha",
-        type=common.finite(),
+        type=bookkeeping.finite(),
         default=0.06,
         help="entropy-bonus coefficient α (paper, toxicity: 0.06)",
     )
@@ -80,31 +79,31 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--lr",
-        type=common.finite(0, strict=True),
+        type=bookkeeping.finite(0, strict=True),
         default=1e-5,
         help="AdamW learning rate (paper: Adam, 1e-5)",
     )
     p.add_argument(
         "--adam-eps",
-        type=common.finite(0, strict=True),
+        type=bookkeeping.finite(0, strict=True),
         default=1e-8,
         help="Adam epsilon (paper: 1e-8)",
     )
     p.add_argument(
         "--weight-decay",
-        type=common.finite(0),
+        type=bookkeeping.finite(0),
         default=0.0,
         help="AdamW weight decay (paper: plain Adam, 0)",
     )
     p.add_argument(
         "--warmup-ratio",
-        type=common.finite(0, 1),
+        type=bookkeeping.finite(0, 1),
         default=0.05,
         help="linear-warmup share of steps (paper: linear)",
     )
     p.add_argument(
         "--max-grad-norm",
-        type=common.finite(0, strict=True),
+        type=bookkeeping.finite(0, strict=True),
         help="clip the gradient norm (paper: none)",
     )
     p.add_argument(
@@ -126,17 +125,17 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--target-kl",
-        type=common.finite(0, strict=True),
+        type=bookkeeping.finite(0, strict=True),
         help="adapt β to keep the per-token KL near this (paper: fixed)",
     )
     p.add_argument(
         "--target-entropy",
-        type=common.finite(0, strict=True),
+        type=bookkeeping.finite(0, strict=True),
         help="adapt α to keep the token entropy near this (paper: fixed)",
     )
     p.add_argument(
         "--controller-rate",
-        type=common.finite(0, strict=True),
+        type=bookkeeping.finite(0, strict=True),
         default=0.1,
         help="log-step of the adaptive β/α controllers",
     )
@@ -184,7 +183,7 @@ def parse_args(argv=None):
 def read_meta(pool, expect_method=None):
     """POOL's sidecar meta ({} when absent): method, tags (the feedback vocabulary), exemplar."""
     path = meta_path(pool)
-    meta = common.read_json(path) if os.path.exists(path) else {}
+    meta = bookkeeping.read_json(path) if os.path.exists(path) else {}
     if not isinstance(meta.get("tags") or [], list):
         raise AltError(f"{path}: 'tags' must be a list")
     if expect_method and meta.get("method") != expect_method:
@@ -194,7 +193,7 @@ def read_meta(pool, expect_method=None):
 
 def read_pool(path, tags=None, per_category=None, drop_truncated=False, max_samples=None, seed=0):
     """D_k -> (rows to train on, counts). Every skip is counted; a feedback outside the meta's tags is an error."""
-    rows = common.read_jsonl(path, required=("prompt", "generation", "feedback"))
+    rows = bookkeeping.read_jsonl(path, required=("prompt", "generation", "feedback"))
     with open(path, "rb") as fh:
         # read_jsonl drops blank lines: map rows back to file lines for messages
         lines = [i for i, raw in enumerate(fh.read().split(b"\n"), 1) if raw.strip()]
@@ -218,7 +217,7 @@ def read_pool(path, tags=None, per_category=None, drop_truncated=False, max_samp
                 f"{path}:{line}: '{bad[0]}' must be a string"
                 + (" or null" if bad[0] == "feedback" else "")
             )
-        r["_x"] = common.prompt_key(path, line, r, ids)  # x's identity for --per-category
+        r["_x"] = bookkeeping.prompt_key(path, line, r, ids)  # x's identity for --per-category
         if r["feedback"] is None:
             counts["null_feedback"] += 1
         elif tags and r["feedback"] not in tags:
@@ -444,7 +443,9 @@ def main(argv=None):
     # ---- optimisation: AdamW + linear warmup/decay, the resume state, then DDP or DeepSpeed around the model
     optimizer, scheduler = adamw(args, model, total_steps)
     fingerprint = run_fingerprint(args, len(examples), G, world, total_steps)
-    common.seed_everything(args.seed + rank)  # dropout differs by rank; a resume restores the RNG
+    bookkeeping.seed_everything(
+        args.seed + rank
+    )  # dropout differs by rank; a resume restores the RNG
     step, beta, alpha, zero = 0, args.beta, args.alpha, None
     if ck:
         step, beta, alpha, zero = load_checkpoint(ck, rank, optimizer, scheduler, fingerprint)
@@ -515,7 +516,7 @@ def prepare_out(args):
     """True when --out is finished (its summary exists) and there is no --overwrite. Under --overwrite rank 0 first
     removes the old summary and resume state: a crashed rerun must not look finished, nor resume the old run."""
     # --overwrite deletes parts of --out: no input may be, hold or lie inside it
-    common.refuse_overlap(
+    bookkeeping.refuse_overlap(
         {"--out": args.out},
         {"--data": args.data, "--model": args.model, "--ref-model": args.ref_model},
     )
@@ -702,15 +703,19 @@ def nonfinite_loss(total, step, out, bar):
 def open_log(out, step):
     """train_log.jsonl opened to append, after dropping the rows of steps past the resume checkpoint."""
     path = os.path.join(out, "train_log.jsonl")
-    old = common.read_jsonl(path, allow_empty=True, partial_ok=True) if os.path.exists(path) else []
-    common.write_jsonl(path, [r for r in old if r.get("step", 0) <= step])
+    old = (
+        bookkeeping.read_jsonl(path, allow_empty=True, partial_ok=True)
+        if os.path.exists(path)
+        else []
+    )
+    bookkeeping.write_jsonl(path, [r for r in old if r.get("step", 0) <= step])
     return open(path, "a", encoding="utf-8")
 
 
 def log_step(log, bar, row):
     """Rank 0 (the one holding the log) appends the step's row and moves the progress bar."""
     if log is not None:
-        common.append_jsonl(log, row)
+        bookkeeping.append_jsonl(log, row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['total']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
 
@@ -720,7 +725,7 @@ def save_outputs(args, model, tok, meta, counts, fingerprint, final, pad, slots,
     then the resume state goes."""
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
-    common.write_json(
+    bookkeeping.write_json(
         os.path.join(args.out, "train_summary.json"),
         dict(
             method=meta.get("method"),
@@ -859,7 +864,7 @@ def deepspeed_engine(path, model, optimizer, scheduler, want, bf16):
     """deepspeed.initialize around our model/AdamW/schedule; "auto" config values come from the flags (`want`)."""
     import deepspeed
 
-    cfg = common.read_json(path)
+    cfg = bookkeeping.read_json(path)
     for k, v in want.items():
         if cfg.setdefault(k, "auto") == "auto":
             cfg[k] = v
@@ -879,4 +884,4 @@ def deepspeed_engine(path, model, optimizer, scheduler, want, bf16):
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    bookkeeping.cli(main)

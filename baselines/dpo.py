@@ -30,9 +30,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+import bookkeeping
 import common
 import train
-from common import AltError
+from bookkeeping import AltError
 
 
 def parse_args(argv=None):
@@ -120,7 +121,7 @@ def make_pairs(rows, path, lines=None, min_margin=0.0):
         bad = [k for k in ("prompt", "generation") if not isinstance(r[k], str)]
         if bad:
             raise AltError(f"{path}:{line}: '{bad[0]}' must be a string")
-        x = common.prompt_key(path, line, r, ids)
+        x = bookkeeping.prompt_key(path, line, r, ids)
         rew = r["reward"]
         if rew is None:
             counts["null_reward"] += 1
@@ -201,7 +202,7 @@ def main(argv=None):
         # torchrun would start N copies racing on one --out
         raise AltError("dpo.py runs in one process: use alt_loop.py --launcher python")
     # --overwrite deletes parts of --out: no input may be, hold or lie inside it
-    common.refuse_overlap(
+    bookkeeping.refuse_overlap(
         {"--out": args.out},
         {"--data": args.data, "--model": args.model, "--ref-model": args.ref_model},
     )
@@ -218,12 +219,12 @@ def main(argv=None):
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    rows = common.read_jsonl(args.data, required=("prompt", "generation"))
+    rows = bookkeeping.read_jsonl(args.data, required=("prompt", "generation"))
     with open(args.data, "rb") as fh:
         # read_jsonl drops blank lines: map rows back to file lines for messages
         lines = [i for i, raw in enumerate(fh.read().split(b"\n"), 1) if raw.strip()]
     pairs, counts = make_pairs(rows, args.data, lines, args.min_margin)
-    device = common.default_device_dtype()[0]
+    device = bookkeeping.default_device_dtype()[0]
     ck = None if args.overwrite else train.find_checkpoint(args.out)
     model, tok = common.load_policy(
         ck or args.model, device, "float32", trust_remote_code=args.trust_remote_code
@@ -266,12 +267,12 @@ def main(argv=None):
     if ck:
         step = train.load_checkpoint(ck, 0, optimizer, scheduler, fingerprint)[0]
     old = (
-        common.read_jsonl(log_path, allow_empty=True, partial_ok=True)
+        bookkeeping.read_jsonl(log_path, allow_empty=True, partial_ok=True)
         if os.path.exists(log_path)
         else []
     )
     # drop steps past the checkpoint
-    common.write_jsonl(log_path, [r for r in old if r.get("step", 0) <= step])
+    bookkeeping.write_jsonl(log_path, [r for r in old if r.get("step", 0) <= step])
     log_fh = open(log_path, "a", encoding="utf-8")
 
     bar = tqdm(total=total_steps, initial=step, desc="dpo", dynamic_ncols=True)
@@ -317,7 +318,7 @@ def main(argv=None):
             tokens=tokens,
             tokens_per_s=round(tokens / max(time.time() - t0, 1e-9), 1),
         )
-        common.append_jsonl(log_fh, last)
+        bookkeeping.append_jsonl(log_fh, last)
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['reward_acc']:.2f}")
         if step % args.save_every == 0 and step < total_steps:
@@ -336,7 +337,7 @@ def main(argv=None):
     # ---- outputs: the model, then the summary (its presence marks --out finished)
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
-    common.write_json(
+    bookkeeping.write_json(
         summary_path,
         dict(
             method="dpo",
@@ -364,4 +365,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    bookkeeping.cli(main)

@@ -46,11 +46,12 @@ import time
 import torch
 from safetensors.torch import load_file, save_file
 
+import bookkeeping
 import common
 import train
-from common import AltError
-from feedback import make_scorer
+from bookkeeping import AltError
 from sample import generate_batched
+from scorers import make_scorer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 rel = lambda *p: os.path.relpath(os.path.join(ROOT, *p))  # noqa: E731  repo paths, short in printed commands
@@ -391,7 +392,7 @@ def save_iter(out, k, policy, tok, value_head, summary, state):
     head = {n: t.contiguous() for n, t in value_head.state_dict().items()}
     save_file(head, os.path.join(tmp, "value_head.safetensors"))
     torch.save(state, os.path.join(tmp, "state.pt"))
-    common.write_json(os.path.join(tmp, "train_summary.json"), summary)
+    bookkeeping.write_json(os.path.join(tmp, "train_summary.json"), summary)
     for stale in (d, os.path.join(out, f"iter_{k}", "eval")):
         # a run extended past a partial last checkpoint
         shutil.rmtree(stale, ignore_errors=True)
@@ -445,7 +446,7 @@ def evaluate_all(args):
 def main(argv=None):
     args = parse_args(argv)
     # --overwrite deletes parts of --out: no input may be, hold or lie inside it
-    common.refuse_overlap(
+    bookkeeping.refuse_overlap(
         {"--out": args.out},
         {"--model": args.model, "--prompts": args.prompts, "--eval-prompts": args.eval_prompts},
     )
@@ -458,7 +459,7 @@ def main(argv=None):
             os.path.join(args.out, "ppo_*.json*")
         ):
             shutil.rmtree(d) if os.path.isdir(d) else os.remove(d)
-    if os.path.exists(done_path) and common.read_json(done_path)["updates"] >= args.updates:
+    if os.path.exists(done_path) and bookkeeping.read_json(done_path)["updates"] >= args.updates:
         if args.eval:
             evaluate_all(args)
         return print("done")
@@ -471,7 +472,7 @@ def main(argv=None):
     score = make_scorer(args.scorer)  # before any model: a bad spec fails at once
     if args.eval:
         evaluate_all(args)
-    device = common.default_device_dtype()[0]
+    device = bookkeeping.default_device_dtype()[0]
     ck = ([os.path.dirname(p) for p in checkpoints(args.out, "state.pt")] or [None])[-1]
     policy, tok = common.load_policy(
         ck or args.model, device, "float32", trust_remote_code=args.trust_remote_code
@@ -518,11 +519,11 @@ def main(argv=None):
         update, generations, kl_coef = state["update"], state["generations"], state["kl_coef"]
         print(f"[ppo] resuming after update {update} from {ck}", flush=True)
     old = (
-        common.read_jsonl(log_path, allow_empty=True, partial_ok=True)
+        bookkeeping.read_jsonl(log_path, allow_empty=True, partial_ok=True)
         if os.path.exists(log_path)
         else []
     )
-    common.write_jsonl(log_path, [r for r in old if r.get("update", 0) <= update])
+    bookkeeping.write_jsonl(log_path, [r for r in old if r.get("update", 0) <= update])
     log_fh = open(log_path, "a", encoding="utf-8")
     t_start, last = time.time(), {}
 
@@ -565,7 +566,7 @@ def main(argv=None):
             update_s=round(t_upd, 2),
             tokens_per_s=round(stats["tokens"] / max(t_upd, 1e-9), 1),
         )
-        common.append_jsonl(log_fh, last)
+        bookkeeping.append_jsonl(log_fh, last)
         print(
             f"[ppo] update {update}/{args.updates}  gens {generations}  score {last['score']:.3f}  "
             f"kl {stats['kl']:.3f}  λ {kl_coef:.4f}  clipfrac {last['clipfrac']:.3f}  ({t_roll:.1f}+{t_upd:.1f} s)",
@@ -600,7 +601,7 @@ def main(argv=None):
             if args.eval:
                 evaluate_all(args)
     log_fh.close()
-    common.write_json(
+    bookkeeping.write_json(
         done_path,
         dict(
             updates=update,
@@ -614,4 +615,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    bookkeeping.cli(main)

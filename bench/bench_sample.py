@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 import torch
 import transformers
 
+import bookkeeping
 import common
 from sample import generate_batched
 
@@ -68,7 +69,7 @@ p.add_argument(
     help="CPU threads (default 0 = torch's; 1 on a machine shared with other jobs)",
 )
 args = p.parse_args()
-device, dtype = common.default_device_dtype()
+device, dtype = bookkeeping.default_device_dtype()
 device, dtype = args.device or device, args.dtype or dtype
 if device == "cpu" and args.threads > 0:
     torch.set_num_threads(args.threads)

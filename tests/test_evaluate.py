@@ -10,7 +10,8 @@ import sys
 import pytest
 
 import evaluate
-from common import SEPARATOR, AltError
+from bookkeeping import AltError
+from common import SEPARATOR
 from conftest import ROOT, WORDS
 
 
