@@ -149,6 +149,28 @@ def append_jsonl(fh, row):
     os.fsync(fh.fileno())
 
 
+# ----------------------------------------------------------------------------- resume
+def open_journal(path, settings=None, keep=None, fresh=False):
+    """A resumable append-only JSONL of finished work -> (its rows still valid, the file open for append_jsonl).
+    settings (a JSON value: whatever shapes the work) heads the file as {"settings": ...}: the rows of a run made with
+    other settings are dropped. keep(row) drops more (a log's steps past the resume checkpoint); fresh drops all.
+    Used for sample.py's OUT.partial, evaluate.py's eval.partial.jsonl, feedback.py's judge cache and the trainers'
+    logs. The file is rewritten first, so a torn last line (a kill mid-append) is gone before anything follows it."""
+    exists = os.path.exists(path) and not fresh
+    rows = read_jsonl(path, allow_empty=True, partial_ok=True) if exists else []
+    head = [] if settings is None else [{"settings": settings}]
+    if head:
+        rows = rows[1:] if rows[:1] == head else []
+    rows = [r for r in rows if keep is None or keep(r)]
+    write_jsonl(path, head + rows)
+    return rows, open(path, "a", encoding="utf-8")
+
+
+def open_log(path, upto, key="step"):
+    """A trainer's log reopened for append on a (re)start: its rows past the resume point (row[key] > upto) go."""
+    return open_journal(path, keep=lambda row: row.get(key, 0) <= upto)[1]
+
+
 # ----------------------------------------------------------------------------- paths, Hub, seeds
 def _local_path(path):
     """The real path of a local file or folder, or None for a Hub name (neither it nor its parent folder exists)."""

@@ -597,16 +597,9 @@ def main(argv=None):
     }
     # OUT/eval.partial.jsonl: finished sampling batches and scoring chunks, kept when written under this fingerprint
     log_path = os.path.join(args.out, "eval.partial.jsonl")
-    done = (
-        bookkeeping.read_jsonl(log_path, allow_empty=True, partial_ok=True)
-        if os.path.exists(log_path)
-        else []
-    )
-    done = done[1:] if done and done[0].get("fingerprint") == fingerprint else []
-    # rewritten clean: a torn tail dropped
-    bookkeeping.write_jsonl(log_path, [{"fingerprint": fingerprint}] + done)
+    done, log = bookkeeping.open_journal(log_path, fingerprint)
     counts, condition, pool = {}, None, None
-    with open(log_path, "a", encoding="utf-8") as log:
+    with log:
         if rows is None:
             rows, condition, pool = sample_rows(args, summary, log, done, counts)
             todo = list(range(len(rows)))

@@ -48,6 +48,7 @@ from bookkeeping import (
     append_jsonl,
     cli,
     finite,
+    open_journal,
     read_json,
     read_jsonl,
     refuse_overlap,
@@ -241,17 +242,8 @@ def ask_judge(items, args, template, parse):
     from tqdm import tqdm
 
     keys = [cache_key(args.llm_model, template, x, y) for x, y in items]
-    rows = (
-        read_jsonl(args.cache, allow_empty=True, partial_ok=True)
-        if os.path.exists(args.cache)
-        else []
-    )
-    if os.path.exists(args.cache) and pathlib.Path(args.cache).read_bytes()[-1:] not in (
-        b"",
-        b"\n",
-    ):
-        # a killed run may tear the last line: drop it before we append after it
-        write_jsonl(args.cache, rows)
+    # replies as they arrived: a killed run loses none, a rerun asks nothing it has
+    rows, fh = open_journal(args.cache)
     cache = {r.get("key"): r["reply"] for r in rows if parse(r.get("reply")) is not None}
     # one ask per distinct (x, y)
     todo = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values())
@@ -288,9 +280,8 @@ def ask_judge(items, args, template, parse):
         got["failed"] = 1
         return i, None, got
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.cache)), exist_ok=True)
     with (
-        open(args.cache, "a", encoding="utf-8") as fh,
+        fh,
         concurrent.futures.ThreadPoolExecutor(args.concurrency) as ex,
     ):
         futures = [ex.submit(ask, i) for i in todo]

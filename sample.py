@@ -537,16 +537,11 @@ def main(argv=None):
             device=device,
             dtype=dtype,
         )
-        done = {}
-        if os.path.exists(side) and not args.overwrite:
-            log = bookkeeping.read_jsonl(side, allow_empty=True, partial_ok=True)
-            if log and log[0].get("config") == config:
-                done = {r["batch"]: r["results"] for r in log[1:]}
-                print(f"resuming: {len(done)} finished batches in {side}", file=sys.stderr)
-        bookkeeping.write_jsonl(
-            side, [{"config": config}] + [{"batch": b, "results": r} for b, r in done.items()]
-        )
-        with open(side, "a", encoding="utf-8") as fh:
+        done, fh = bookkeeping.open_journal(side, config, fresh=args.overwrite)
+        done = {r["batch"]: r["results"] for r in done}
+        if done:
+            print(f"resuming: {len(done)} finished batches in {side}", file=sys.stderr)
+        with fh:
             results = generate_batched(
                 model,
                 tok,

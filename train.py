@@ -455,7 +455,9 @@ def main(argv=None):
     ddp = world > 1 and not args.deepspeed
 
     # ---- the loop: one optimizer step per global batch; rank 0 alone writes the log, the checkpoints and the model
-    log = open_log(args.out, step) if rank == 0 else None
+    log = (
+        bookkeeping.open_log(os.path.join(args.out, "train_log.jsonl"), step) if rank == 0 else None
+    )
     barrier()
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
     plan, row, pad, slots, t_start = {}, {}, 0, 0, time.time()
@@ -698,18 +700,6 @@ def nonfinite_loss(total, step, out, bar):
         f"non-finite loss ({total}) at step {step + 1}; stopped before the update; "
         + (f"last good checkpoint kept: {kept}" if kept else "no checkpoint yet")
     )
-
-
-def open_log(out, step):
-    """train_log.jsonl opened to append, after dropping the rows of steps past the resume checkpoint."""
-    path = os.path.join(out, "train_log.jsonl")
-    old = (
-        bookkeeping.read_jsonl(path, allow_empty=True, partial_ok=True)
-        if os.path.exists(path)
-        else []
-    )
-    bookkeeping.write_jsonl(path, [r for r in old if r.get("step", 0) <= step])
-    return open(path, "a", encoding="utf-8")
 
 
 def log_step(log, bar, row):

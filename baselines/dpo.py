@@ -266,14 +266,7 @@ def main(argv=None):
     step = 0
     if ck:
         step = train.load_checkpoint(ck, 0, optimizer, scheduler, fingerprint)[0]
-    old = (
-        bookkeeping.read_jsonl(log_path, allow_empty=True, partial_ok=True)
-        if os.path.exists(log_path)
-        else []
-    )
-    # drop steps past the checkpoint
-    bookkeeping.write_jsonl(log_path, [r for r in old if r.get("step", 0) <= step])
-    log_fh = open(log_path, "a", encoding="utf-8")
+    log_fh = bookkeeping.open_log(log_path, step)
 
     bar = tqdm(total=total_steps, initial=step, desc="dpo", dynamic_ncols=True)
     plan, last, t_start = {}, {}, time.time()

@@ -518,13 +518,7 @@ def main(argv=None):
         optimizer.load_state_dict(state["optimizer"])
         update, generations, kl_coef = state["update"], state["generations"], state["kl_coef"]
         print(f"[ppo] resuming after update {update} from {ck}", flush=True)
-    old = (
-        bookkeeping.read_jsonl(log_path, allow_empty=True, partial_ok=True)
-        if os.path.exists(log_path)
-        else []
-    )
-    bookkeeping.write_jsonl(log_path, [r for r in old if r.get("update", 0) <= update])
-    log_fh = open(log_path, "a", encoding="utf-8")
+    log_fh = bookkeeping.open_log(log_path, update, key="update")
     t_start, last = time.time(), {}
 
     while update < args.updates:
