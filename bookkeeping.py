@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 
@@ -169,6 +170,84 @@ def open_journal(path, settings=None, keep=None, fresh=False):
 def open_log(path, upto, key="step"):
     """A trainer's log reopened for append on a (re)start: its rows past the resume point (row[key] > upto) go."""
     return open_journal(path, keep=lambda row: row.get(key, 0) <= upto)[1]
+
+
+# ----------------------------------------------------------------------------- resume checkpoints
+def save_checkpoint(
+    out, model, tok, state, rank=0, barrier=lambda: None, zero=None, name="checkpoint", extra=None
+):
+    """Write OUT/NAME.tmp (weights as safetensors, tokenizer, state.pt, and one rng_RANK.pt per rank: its RNG and,
+    under DeepSpeed, its ZeRO shard `zero`; extra(folder) adds files), then swap it in for OUT/NAME by renames. Every
+    rank calls it; `barrier` syncs them. Used by train.py, baselines/dpo.py and baselines/ppo.py."""
+    import torch
+
+    ck = os.path.join(out, name)
+    tmp = ck + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        if extra is not None:
+            extra(tmp)
+    barrier()
+    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
+    torch.save(
+        {"torch": torch.get_rng_state(), **cuda, **({"zero": zero} if zero else {})},
+        os.path.join(tmp, f"rng_{rank}.pt"),
+    )
+    barrier()
+    if rank == 0:
+        # rename is atomic; a crash between the two renames leaves NAME.old, which find_checkpoint reads
+        if os.path.isdir(ck):
+            # ck came from an atomic rename, so it is complete: a leftover .old is stale
+            shutil.rmtree(ck + ".old", ignore_errors=True)
+            os.replace(ck, ck + ".old")
+        os.replace(tmp, ck)
+        shutil.rmtree(ck + ".old", ignore_errors=True)
+    barrier()
+
+
+def find_checkpoint(out, name="checkpoint"):
+    """OUT/NAME, or OUT/NAME.old where a crash fell between save_checkpoint's renames; None when neither is whole."""
+    found = [c for c in (name, name + ".old") if os.path.isfile(os.path.join(out, c, "state.pt"))]
+    return os.path.join(out, found[0]) if found else None
+
+
+def load_checkpoint(ck, fingerprint, optimizer=None, scheduler=None, rank=0):
+    """Restore this rank's RNG and, when given, the optimizer and the schedule from `ck` -> its state dict, plus
+    "zero": this rank's ZeRO shard (None without DeepSpeed). A checkpoint of other settings is an error."""
+    import torch
+
+    try:  # weights_only: never unpickle objects from a run dir
+        state, rng = (
+            torch.load(os.path.join(ck, f), weights_only=True)
+            for f in ("state.pt", f"rng_{rank}.pt")
+        )
+    except Exception as e:  # a tampered, truncated or foreign file: one line, not a traceback
+        raise AltError(
+            f"{ck}: unreadable resume state ({type(e).__name__}); rerun with --overwrite"
+        ) from None
+    if state["fingerprint"] != fingerprint:
+        raise AltError(
+            f"{ck}: made with other settings ({state['fingerprint']}); rerun with --overwrite"
+        )
+    if optimizer is not None and "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return {**state, "zero": rng.get("zero")}
+
+
+def remove_checkpoint(out, name="checkpoint"):
+    """The resume state goes once the run is finished, or on --overwrite."""
+    for d in (name, name + ".old", name + ".tmp"):
+        shutil.rmtree(os.path.join(out, d), ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- paths, Hub, seeds

@@ -423,7 +423,7 @@ def main(argv=None):
     rows, counts = read_pool(
         args.data, tags, args.per_category, args.drop_truncated, args.max_samples, args.seed
     )
-    ck = None if args.overwrite else find_checkpoint(args.out)
+    ck = None if args.overwrite else bookkeeping.find_checkpoint(args.out)
     extra = list(tags) if meta.get("method") == "quark" else []  # Quark's quantiles: 1 token each
     model, ref, tok = load_models(args, ck, extra, device, bf16)
     n_ctx = context_length(model)
@@ -448,7 +448,8 @@ def main(argv=None):
     )  # dropout differs by rank; a resume restores the RNG
     step, beta, alpha, zero = 0, args.beta, args.alpha, None
     if ck:
-        step, beta, alpha, zero = load_checkpoint(ck, rank, optimizer, scheduler, fingerprint)
+        state = bookkeeping.load_checkpoint(ck, fingerprint, optimizer, scheduler, rank)
+        step, beta, alpha, zero = (state[k] for k in ("step", "beta", "alpha", "zero"))
     fwd, optimizer, ctx, backward, update = wrap_model(
         args, model, optimizer, scheduler, zero, world, device, bf16
     )
@@ -695,7 +696,7 @@ def nonfinite_loss(total, step, out, bar):
     """The error that stops a run whose step loss is NaN/Inf, before the step's update; closes the progress bar so
     that the error is the last line the user sees."""
     bar.close()
-    kept = find_checkpoint(out)
+    kept = bookkeeping.find_checkpoint(out)
     return AltError(
         f"non-finite loss ({total}) at step {step + 1}; stopped before the update; "
         + (f"last good checkpoint kept: {kept}" if kept else "no checkpoint yet")
@@ -737,8 +738,7 @@ def save_outputs(args, model, tok, meta, counts, fingerprint, final, pad, slots,
             args=vars(args),
         ),
     )
-    for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
-        shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
+    bookkeeping.remove_checkpoint(args.out)
     print(
         f"train.py: {fingerprint['steps']} steps on {fingerprint['examples']} rows -> {args.out} "
         f"(final loss {final['total']:.4f})"
@@ -772,69 +772,7 @@ def save_state(args, model, tok, optimizer, scheduler, fingerprint, step, beta, 
     if not args.deepspeed:
         state["optimizer"] = optimizer.state_dict()
     zero = zero_state(optimizer) if args.deepspeed else None
-    save_checkpoint(args.out, model, tok, state, rank, barrier, zero)
-
-
-def save_checkpoint(out, model, tok, state, rank, barrier, zero=None):
-    """Write DIR/checkpoint.tmp (weights safetensors, state.pt, one file per rank: RNG and, under DeepSpeed, that rank's
-    ZeRO partition of Adam's moments and fp32 weights, `zero`), then swap it in."""
-    ck, tmp = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        torch.save(state, os.path.join(tmp, "state.pt"))
-    barrier()
-    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
-    torch.save(
-        {"torch": torch.get_rng_state(), **cuda, **({"zero": zero} if zero else {})},
-        os.path.join(tmp, f"rng_{rank}.pt"),
-    )
-    barrier()
-    if rank == 0:
-        # rename is atomic; a crash between the two renames leaves checkpoint.old, which resume reads
-        if os.path.isdir(ck):
-            # ck came from an atomic rename, so it is complete: a leftover .old is stale
-            shutil.rmtree(ck + ".old", ignore_errors=True)
-            os.replace(ck, ck + ".old")
-        os.replace(tmp, ck)
-        shutil.rmtree(ck + ".old", ignore_errors=True)
-    barrier()
-
-
-def find_checkpoint(out):
-    found = [
-        c
-        for c in ("checkpoint", "checkpoint.old")
-        if os.path.isfile(os.path.join(out, c, "state.pt"))
-    ]
-    return os.path.join(out, found[0]) if found else None
-
-
-def load_checkpoint(ck, rank, optimizer, scheduler, fingerprint):
-    """Restore optimizer, schedule and this rank's RNG -> (step, β, α)."""
-    try:  # weights_only: never unpickle objects from a run dir
-        state, rng = (
-            torch.load(os.path.join(ck, f), weights_only=True)
-            for f in ("state.pt", f"rng_{rank}.pt")
-        )
-    except Exception as e:  # a tampered, truncated or foreign file: one line, not a traceback
-        raise AltError(
-            f"{ck}: unreadable resume state ({type(e).__name__}); rerun with --overwrite"
-        ) from None
-    if state["fingerprint"] != fingerprint:
-        raise AltError(
-            f"{ck}: made with other settings ({state['fingerprint']}); rerun with --overwrite"
-        )
-    if "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-        group["lr"] = lr
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return state["step"], state["beta"], state["alpha"], rng.get("zero")
+    bookkeeping.save_checkpoint(args.out, model, tok, state, rank, barrier, zero)
 
 
 def zero_state(optimizer, load=None):

@@ -225,7 +225,7 @@ def main(argv=None):
         lines = [i for i, raw in enumerate(fh.read().split(b"\n"), 1) if raw.strip()]
     pairs, counts = make_pairs(rows, args.data, lines, args.min_margin)
     device = bookkeeping.default_device_dtype()[0]
-    ck = None if args.overwrite else train.find_checkpoint(args.out)
+    ck = None if args.overwrite else bookkeeping.find_checkpoint(args.out)
     model, tok = common.load_policy(
         ck or args.model, device, "float32", trust_remote_code=args.trust_remote_code
     )
@@ -265,7 +265,7 @@ def main(argv=None):
     )
     step = 0
     if ck:
-        step = train.load_checkpoint(ck, 0, optimizer, scheduler, fingerprint)[0]
+        step = bookkeeping.load_checkpoint(ck, fingerprint, optimizer, scheduler)["step"]
     log_fh = bookkeeping.open_log(log_path, step)
 
     bar = tqdm(total=total_steps, initial=step, desc="dpo", dynamic_ncols=True)
@@ -317,13 +317,11 @@ def main(argv=None):
         if step % args.save_every == 0 and step < total_steps:
             state = dict(
                 step=step,
-                beta=args.beta,
-                alpha=0.0,
-                fingerprint=fingerprint,  # train.py's state layout
+                fingerprint=fingerprint,
                 optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(),
             )
-            train.save_checkpoint(args.out, model, tok, state, 0, lambda: None)
+            bookkeeping.save_checkpoint(args.out, model, tok, state)
     bar.close()
     log_fh.close()
 
@@ -348,8 +346,7 @@ def main(argv=None):
             args=vars(args),
         ),
     )
-    for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
-        shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
+    bookkeeping.remove_checkpoint(args.out)
     print(
         f"dpo.py: {total_steps} steps on {len(examples)} pairs -> {args.out} (final loss {last.get('loss', 0):.4f}); "
         f"skipped: {counts['single_sample']} single-sample and {counts['all_tied']} all-tied prompts, "

@@ -383,20 +383,19 @@ def rollout(policy, tok, prompts, score, args, update):
 
 
 def save_iter(out, k, policy, tok, value_head, summary, state):
-    """RUN/iter_k/model, written as .tmp then renamed; only the newest checkpoint keeps its resume state.pt."""
-    d = os.path.join(out, f"iter_{k}", "model")
-    tmp = d + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    head = {n: t.contiguous() for n, t in value_head.state_dict().items()}
-    save_file(head, os.path.join(tmp, "value_head.safetensors"))
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    bookkeeping.write_json(os.path.join(tmp, "train_summary.json"), summary)
-    for stale in (d, os.path.join(out, f"iter_{k}", "eval")):
-        # a run extended past a partial last checkpoint
-        shutil.rmtree(stale, ignore_errors=True)
-    os.replace(tmp, d)
+    """RUN/iter_k/model with the value head and the summary (bookkeeping.save_checkpoint: written, then swapped in);
+    only the newest checkpoint keeps its resume state.pt."""
+
+    def extra(folder):
+        head = {n: t.contiguous() for n, t in value_head.state_dict().items()}
+        save_file(head, os.path.join(folder, "value_head.safetensors"))
+        bookkeeping.write_json(os.path.join(folder, "train_summary.json"), summary)
+
+    # a run extended past a partial last checkpoint
+    shutil.rmtree(os.path.join(out, f"iter_{k}", "eval"), ignore_errors=True)
+    bookkeeping.save_checkpoint(
+        os.path.join(out, f"iter_{k}"), policy, tok, state, name="model", extra=extra
+    )
     for old in checkpoints(out, "state.pt")[:-1]:
         os.remove(old)
 
@@ -510,12 +509,7 @@ def main(argv=None):
         value_head.load_state_dict(
             load_file(os.path.join(ck, "value_head.safetensors"), device=device)
         )
-        state = torch.load(os.path.join(ck, "state.pt"), weights_only=True)
-        if state["fingerprint"] != fingerprint:
-            raise AltError(
-                f"{ck}: made with other settings ({state['fingerprint']}); use --overwrite or another --out"
-            )
-        optimizer.load_state_dict(state["optimizer"])
+        state = bookkeeping.load_checkpoint(ck, fingerprint, optimizer)
         update, generations, kl_coef = state["update"], state["generations"], state["kl_coef"]
         print(f"[ppo] resuming after update {update} from {ck}", flush=True)
     log_fh = bookkeeping.open_log(log_path, update, key="update")

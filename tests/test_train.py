@@ -591,6 +591,6 @@ def test_checkpoint_save_survives_a_leftover_old_checkpoint(tiny_model_dir, tmp_
     for d in ("checkpoint", "checkpoint.old"):
         (tmp_path / d).mkdir()
         (tmp_path / d / "state.pt").write_bytes(b"stale")
-    train.save_checkpoint(str(tmp_path), model, tok, {"step": 7}, 0, lambda: None)
+    bookkeeping.save_checkpoint(str(tmp_path), model, tok, {"step": 7}, 0, lambda: None)
     assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=True) == {"step": 7}
     assert not (tmp_path / "checkpoint.old").exists()
