@@ -172,6 +172,30 @@ def open_log(path, upto, key="step"):
     return open_journal(path, keep=lambda row: row.get(key, 0) <= upto)[1]
 
 
+def finished(done, overwrite, stale=(), say=None):
+    """The done / --overwrite preamble of every stage. Without --overwrite: True when every path in `done` exists,
+    after printing `say` (default "done: PATH exists (--overwrite to redo)"). With it: False, after rank 0 deleted the
+    `stale` files and folders (a summary, resume state), so a crashed rerun neither looks finished nor resumes."""
+    if overwrite:
+        for path in stale if os.environ.get("RANK", "0") == "0" else ():
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        return False
+    if not all(os.path.exists(p) for p in done):
+        return False
+    print(say or f"done: {done[0]} exists (--overwrite to redo)")
+    return True
+
+
+def context_length(config):
+    """A model's context in tokens: n_positions or max_position_embeddings, else 1024 (GPT-2's) for a config that
+    names neither."""
+    n = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return n or 1024
+
+
 # ----------------------------------------------------------------------------- resume checkpoints
 def save_checkpoint(
     out, model, tok, state, rank=0, barrier=lambda: None, zero=None, name="checkpoint", extra=None

@@ -247,9 +247,7 @@ def generation_perplexities(model, tokenizer, prompts, generations, batch_size=1
     input past the model's context keeps its end. Right-padded batches, one forward each: exact, no per-token loop."""
     import torch
 
-    limit = getattr(model.config, "n_positions", None) or getattr(
-        model.config, "max_position_embeddings", None
-    )
+    limit = bookkeeping.context_length(model.config)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # x's own tokens, once per prompt
@@ -263,7 +261,7 @@ def generation_perplexities(model, tokenizer, prompts, generations, batch_size=1
         if start == 0:
             # y's first token needs a context token, as a text's start does in GPT-2
             ids, start = [bos] + ids, 1
-        cut = max(0, len(ids) - (limit or len(ids)))
+        cut = max(0, len(ids) - limit)
         seqs.append((i, ids[cut:], max(start - cut, 1)))
     seqs.sort(key=lambda s: len(s[1]))  # similar lengths per batch: little padding
     device = next(model.parameters()).device
@@ -564,10 +562,8 @@ def main(argv=None):
         else args.baseline
     )
     baseline = bookkeeping.read_json(bpath) if bpath else None
-    if os.path.exists(eval_path) and not args.overwrite:
-        print(format_table(bookkeeping.read_json(eval_path), baseline))
-        print(f"evaluate.py: {eval_path} exists: done (--overwrite to redo)")
-        return
+    if bookkeeping.finished([eval_path], args.overwrite):
+        return print(format_table(bookkeeping.read_json(eval_path), baseline))
     summary_path = os.path.join(args.model or "", "train_summary.json")
     summary = bookkeeping.read_json(summary_path) if os.path.isfile(summary_path) else {}
     fluency = resolve_fluency(args, summary)

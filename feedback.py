@@ -47,6 +47,7 @@ from bookkeeping import (
     AltError,
     append_jsonl,
     cli,
+    finished,
     finite,
     open_journal,
     read_json,
@@ -387,8 +388,7 @@ def main(argv=None):
         {"--samples": args.samples, "--pool": args.pool, "--prompt-template": args.prompt_template},
     )
     refuse_overlap(outputs, {"--cache": args.cache})
-    if not args.overwrite and os.path.exists(args.out) and os.path.exists(meta_out):
-        print(f"done: {args.out} exists (--overwrite to redo)")
+    if finished([args.out, meta_out], args.overwrite):
         return
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
     if args.method == "steerlm" and categories != HH_CATEGORIES:

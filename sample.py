@@ -334,11 +334,9 @@ def generate_batched(
     Optional: done {batch index: that batch's results} skips those batches (resume); on_batch(b, results) is
     called after each new batch; stats (a dict) receives counts (prompts_truncated, pad_share, generations, ...).
     """
-    ctx = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
-    )
-    max_len = ctx - max_new_tokens if ctx else None
-    if max_len is not None and max_len < 1:
+    ctx = bookkeeping.context_length(model.config)
+    max_len = ctx - max_new_tokens
+    if max_len < 1:
         raise AltError(
             f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the {ctx}-token context"
         )
@@ -403,8 +401,7 @@ def generate_batched(
 # ----------------------------------------------------------------------------- merge shards
 def merge(out, overwrite=False):
     """Join OUT.shard-i-of-n (i = 0..n-1) into OUT, ordered by prompt index then sample index."""
-    if os.path.exists(out) and not overwrite:
-        print(f"done: {out} exists (--overwrite to redo)")
+    if bookkeeping.finished([out], overwrite):
         return
     folder, base = os.path.split(os.path.abspath(out))
     pat = re.compile(re.escape(base) + r"\.shard-(\d+)-of-(\d+)")
@@ -475,8 +472,7 @@ def main(argv=None):
         {"--out": [out, side]},
         {"--prompts": args.prompts, "--model": args.model, "--condition-pool": args.condition_pool},
     )
-    if os.path.exists(out) and not args.overwrite:
-        print(f"done: {out} exists (--overwrite to redo)")
+    if bookkeeping.finished([out], args.overwrite):
         return
     pool = load_condition_pool(args.condition_pool) if args.condition_pool else None
     for f in pool or [args.condition]:

@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 
-from bookkeeping import AltError, hub_unreachable
+from bookkeeping import AltError, context_length, hub_unreachable
 
 # override with env PERSPECTIVE_API_URL (tests: a stub)
 PERSPECTIVE_URL = "https://commentanalyzer.googleapis.com"
@@ -79,7 +79,7 @@ def make_scorer(spec, qps=1.0, batch_size=256):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     cfg.pad_token_id = tok.pad_token_id
-    max_len = min(tok.model_max_length, getattr(cfg, "max_position_embeddings", None) or 512)
+    max_len = min(tok.model_max_length, context_length(cfg))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).eval()
 

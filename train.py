@@ -30,7 +30,6 @@ import contextlib
 import math
 import os
 import random
-import shutil
 import time
 
 import torch
@@ -411,7 +410,7 @@ def adapt(args, beta, alpha, kl, ent):
 def main(argv=None):
     args = parse_args(argv)
     if prepare_out(args):  # --out is finished (its summary exists) and no --overwrite
-        return print("done")
+        return
     from tqdm import tqdm
 
     rank, world, device = setup_distributed(args)  # python, torchrun (DDP) or deepspeed
@@ -426,7 +425,7 @@ def main(argv=None):
     ck = None if args.overwrite else bookkeeping.find_checkpoint(args.out)
     extra = list(tags) if meta.get("method") == "quark" else []  # Quark's quantiles: 1 token each
     model, ref, tok = load_models(args, ck, extra, device, bf16)
-    n_ctx = context_length(model)
+    n_ctx = bookkeeping.context_length(model.config)
     examples = encode_rows(rows, tok, n_ctx, reference=ref is not None, eos_target=args.eos_target)
     vocab = sampled_vocab(model, tok, args.model)
     counts["clipped_to_context"] = sum(e["clipped"] for e in examples)
@@ -523,15 +522,8 @@ def prepare_out(args):
         {"--out": args.out},
         {"--data": args.data, "--model": args.model, "--ref-model": args.ref_model},
     )
-    summary_path = os.path.join(args.out, "train_summary.json")
-    if os.path.exists(summary_path) and not args.overwrite:
-        return True
-    if args.overwrite and os.environ.get("RANK", "0") == "0":
-        for d in ("checkpoint", "checkpoint.old"):
-            shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(summary_path)
-    return False
+    summary, ck = (os.path.join(args.out, n) for n in ("train_summary.json", "checkpoint"))
+    return bookkeeping.finished([summary], args.overwrite, [summary, ck, ck + ".old"], say="done")
 
 
 def setup_distributed(args):
@@ -575,12 +567,6 @@ def all_sum(values, device):
         t = t.to(device)
         torch.distributed.all_reduce(t)
     return t.cpu()
-
-
-def context_length(model):
-    return getattr(model.config, "n_positions", None) or getattr(
-        model.config, "max_position_embeddings", 1024
-    )
 
 
 def load_models(args, ck, extra, device, bf16):

@@ -24,7 +24,6 @@ and feedback.py --method alt-rm:
 import argparse
 import math
 import os
-import shutil
 import time
 
 import torch
@@ -209,13 +208,11 @@ def main(argv=None):
     summary_path, log_path = (
         os.path.join(args.out, n) for n in ("train_summary.json", "train_log.jsonl")
     )
-    if os.path.exists(summary_path) and not args.overwrite:
-        return print("done")
-    if args.overwrite:  # a crashed --overwrite run must not look finished, nor resume the old state
-        for d in ("checkpoint", "checkpoint.old"):
-            shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
-        if os.path.exists(summary_path):
-            os.remove(summary_path)
+    ck = os.path.join(args.out, "checkpoint")
+    if bookkeeping.finished(
+        [summary_path], args.overwrite, [summary_path, ck, ck + ".old"], "done"
+    ):
+        return
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
 
@@ -238,10 +235,7 @@ def main(argv=None):
     ref.eval().requires_grad_(False)
     # dropout off: π_θ = π_ref exactly at step 0 (loss log 2), and log-ratios are not noise (the toy has none anyway)
     model.eval()
-    max_len = getattr(model.config, "n_positions", None) or getattr(
-        model.config, "max_position_embeddings", 1024
-    )
-    examples = encode_pairs(pairs, tok, max_len)
+    examples = encode_pairs(pairs, tok, bookkeeping.context_length(model.config))
     B = args.batch_size
     if len(examples) < B:
         raise AltError(

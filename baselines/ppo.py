@@ -361,9 +361,7 @@ def rollout(policy, tok, prompts, score, args, update):
         raise AltError(
             f"update {update + 1}: the scorer returned no score for any of {len(flat)} rollouts"
         )
-    ctx = getattr(policy.config, "n_positions", None) or getattr(
-        policy.config, "max_position_embeddings", 1024
-    )
+    ctx = bookkeeping.context_length(policy.config)
     eos, pre = (
         tok.eos_token_id,
         [t[-(ctx - args.max_new_tokens) :] for t in tok(inputs)["input_ids"]],
@@ -453,15 +451,16 @@ def main(argv=None):
         os.path.join(args.out, "ppo_summary.json"),
         os.path.join(args.out, "ppo_log.jsonl"),
     )
-    if args.overwrite:
-        for d in glob.glob(os.path.join(args.out, "iter_*")) + glob.glob(
-            os.path.join(args.out, "ppo_*.json*")
-        ):
-            shutil.rmtree(d) if os.path.isdir(d) else os.remove(d)
-    if os.path.exists(done_path) and bookkeeping.read_json(done_path)["updates"] >= args.updates:
+    stale = glob.glob(os.path.join(args.out, "iter_*")) + glob.glob(
+        os.path.join(args.out, "ppo_*.json*")
+    )
+    # a finished RUN with fewer --updates than asked is extended
+    done = os.path.exists(done_path) and not args.overwrite
+    extend = done and bookkeeping.read_json(done_path)["updates"] < args.updates
+    if not extend and bookkeeping.finished([done_path], args.overwrite, stale, say="done"):
         if args.eval:
             evaluate_all(args)
-        return print("done")
+        return
     prompts = common.load_prompts(args.prompts)
     if len(prompts) < args.rollout_prompts or any(not p["prompt"].strip() for p in prompts):
         raise AltError(
