@@ -58,8 +58,9 @@ def malformed_json(where, e):
     return AltError(f"{where}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
 
 
-def read_jsonl(path, required=(), allow_empty=False, partial_ok=False):
-    """Read a JSONL file; errors name file:line and the key. partial_ok drops a torn last line (append logs)."""
+def read_jsonl(path, required=(), allow_empty=False, partial_ok=False, schema=None, numbered=False):
+    """Read a JSONL file; errors name file:line and the key. partial_ok drops a torn last line (append logs); schema
+    checks each row's types (check_row); numbered gives (line, row) pairs."""
     try:
         with open(path, "rb") as fh:
             lines = fh.read().split(b"\n")
@@ -85,7 +86,8 @@ def read_jsonl(path, required=(), allow_empty=False, partial_ok=False):
         for key in required:
             if key not in row:
                 raise AltError(f"{path}:{i}: missing key '{key}'")
-        rows.append(row)
+        check_row(f"{path}:{i}", row, schema or {})
+        rows.append((i, row) if numbered else row)
     if not rows and not allow_empty:
         raise AltError(f"{path}: file is empty")
     return rows
@@ -368,14 +370,34 @@ def seed_everything(seed):
     torch.cuda.manual_seed_all(seed)
 
 
+# ----------------------------------------------------------------------------- row schemas
+KINDS = {str: "a string", int: "an int", float: "a finite number", None: "null"}
+
+
+def is_kind(value, kind):
+    """value is of `kind`: str, int (no bool), float (any finite number, no bool), or None (null)."""
+    if kind is None or isinstance(value, bool):
+        return value is kind
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def check_row(where, row, schema):
+    """AltError at `where` (FILE:LINE) unless every key of `schema` ({key: kinds, a tuple of KINDS}) that the row
+    holds has one of its kinds; an absent key is the reader's to require."""
+    for key, kinds in schema.items():
+        if key in row and not any(is_kind(row[key], k) for k in kinds):
+            want = " or ".join(KINDS[k] for k in kinds)
+            raise AltError(f"{where}: '{key}' must be {want}, got {row[key]!r}")
+
+
 def prompt_key(path, line, row, seen):
-    """A pool row's x identity for grouping: prompt_id (int or str), else the prompt text. `seen` maps each id to
+    """A pool row's x identity for grouping: prompt_id (int or str, checked by check_row), else the prompt text. `seen` maps each id to
     the first (prompt, line), so an id reused for another x is an error, not a silently merged group."""
     pid = row.get("prompt_id")
     if pid is None:
         return row["prompt"]
-    if isinstance(pid, bool) or not isinstance(pid, (int, str)):
-        raise AltError(f"{path}:{line}: 'prompt_id' must be an int or a string, got {pid!r}")
     first = seen.setdefault(str(pid), (row["prompt"], line))
     if first[0] != row["prompt"]:
         raise AltError(

@@ -27,6 +27,14 @@ import os
 from bookkeeping import AltError, default_device_dtype, hub_unreachable, read_jsonl
 
 SEPARATOR = "<|separator|>"
+# the kinds a pool row's fields may have, for bookkeeping.check_row (prompt_id null: grouped by the prompt text)
+POOL_ROW = {
+    "prompt_id": (int, str, None),
+    "prompt": (str,),
+    "generation": (str,),
+    "feedback": (str, None),
+    "reward": (float, None),
+}
 # the feedback methods whose f is the tag of y's reward quantile (feedback.py writes their pools)
 QUANTILE_METHODS = ("alt-rm", "quark")
 

@@ -88,6 +88,8 @@ STEERLM = dict(
     )
 )
 LLM_METHODS = ("alt-lmc", "alt-lmu", "steerlm")
+# the ids of a row, hashed and sorted on (check_row kinds)
+ROW_IDS = {"prompt_id": (int, str), "iteration": (int, None), "sample_idx": (int, None)}
 
 parser = argparse.ArgumentParser(
     description="ALT stage 2: feedback f = F(x, y) for new samples; writes D_k."
@@ -310,6 +312,7 @@ def load_inputs(args, tags):
             args.pool,
             required=("prompt_id", "prompt", "generation", "reward", "feedback"),
             allow_empty=True,
+            schema={**ROW_IDS, "reward": (float, None)},
         )
         mp = meta_path(args.pool)
         if os.path.exists(mp):
@@ -326,31 +329,18 @@ def load_inputs(args, tags):
                         f"({mp})"
                     )
         for i, r in enumerate(pool, 1):
-            if r["reward"] is not None and not (
-                isinstance(r["reward"], (int, float)) and math.isfinite(r["reward"])
-            ):
-                raise AltError(
-                    f"{args.pool}:{i}: reward must be a finite number or null, got {r['reward']!r}"
-                )
             if tags is not None and r["feedback"] is not None and r["feedback"] not in tags:
                 raise AltError(
                     f"{args.pool}:{i}: feedback {r['feedback']!r} is not one of --method {args.method}'s "
                     f"tags ({', '.join(tags)}): a pool from another method?"
                 )
-    new = read_jsonl(args.samples, required=("prompt_id", "prompt", "generation"))
-    for path, rows in ((args.pool, pool), (args.samples, new)):
-        # ids are hashed and sorted on below
-        for i, r in enumerate(rows, 1):
-            if type(r["prompt_id"]) not in (int, str) or any(
-                type(r.get(k) or 0) is not int for k in ("iteration", "sample_idx")
-            ):
-                raise AltError(
-                    f"{path}:{i}: prompt_id must be an int or a string; iteration and sample_idx ints"
-                )
+    new = read_jsonl(
+        args.samples,
+        required=("prompt_id", "prompt", "generation"),
+        schema={**ROW_IDS, "prompt": (str,), "generation": (str,)},
+    )
     seen = {(r["prompt_id"], r.get("iteration"), r.get("sample_idx")) for r in pool}
     for i, r in enumerate(new, 1):
-        if not isinstance(r["generation"], str) or not isinstance(r["prompt"], str):
-            raise AltError(f"{args.samples}:{i}: 'prompt' and 'generation' must be strings")
         if (
             "iteration" in r
             and "sample_idx" in r

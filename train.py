@@ -192,10 +192,8 @@ def read_meta(pool, expect_method=None):
 
 def read_pool(path, tags=None, per_category=None, drop_truncated=False, max_samples=None, seed=0):
     """D_k -> (rows to train on, counts). Every skip is counted; a feedback outside the meta's tags is an error."""
-    rows = bookkeeping.read_jsonl(path, required=("prompt", "generation", "feedback"))
-    with open(path, "rb") as fh:
-        # read_jsonl drops blank lines: map rows back to file lines for messages
-        lines = [i for i, raw in enumerate(fh.read().split(b"\n"), 1) if raw.strip()]
+    required = ("prompt", "generation", "feedback")
+    rows = bookkeeping.read_jsonl(path, required, schema=common.POOL_ROW, numbered=True)
     counts = dict(
         read=len(rows),
         null_feedback=0,
@@ -205,17 +203,7 @@ def read_pool(path, tags=None, per_category=None, drop_truncated=False, max_samp
         max_samples=0,
     )
     kept, ids = [], {}
-    for line, r in zip(lines, rows):
-        bad = [
-            k
-            for k in ("prompt", "generation", "feedback")
-            if not isinstance(r[k], str) and not (k == "feedback" and r[k] is None)
-        ]
-        if bad:
-            raise AltError(
-                f"{path}:{line}: '{bad[0]}' must be a string"
-                + (" or null" if bad[0] == "feedback" else "")
-            )
+    for line, r in rows:
         r["_x"] = bookkeeping.prompt_key(path, line, r, ids)  # x's identity for --per-category
         if r["feedback"] is None:
             counts["null_feedback"] += 1

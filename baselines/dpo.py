@@ -117,15 +117,11 @@ def make_pairs(rows, path, lines=None, min_margin=0.0):
                 f"{path}:{line}: no 'reward' (DPO ranks samples by reward: make the pool with "
                 "feedback.py --method alt-rm)"
             )
-        bad = [k for k in ("prompt", "generation") if not isinstance(r[k], str)]
-        if bad:
-            raise AltError(f"{path}:{line}: '{bad[0]}' must be a string")
+        bookkeeping.check_row(f"{path}:{line}", r, common.POOL_ROW)
         x = bookkeeping.prompt_key(path, line, r, ids)
         rew = r["reward"]
         if rew is None:
             counts["null_reward"] += 1
-        elif isinstance(rew, bool) or not isinstance(rew, (int, float)) or not math.isfinite(rew):
-            raise AltError(f"{path}:{line}: 'reward' must be a finite number or null, got {rew!r}")
         elif not r["generation"]:
             counts["empty_generation"] += 1
         else:
@@ -216,10 +212,8 @@ def main(argv=None):
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    rows = bookkeeping.read_jsonl(args.data, required=("prompt", "generation"))
-    with open(args.data, "rb") as fh:
-        # read_jsonl drops blank lines: map rows back to file lines for messages
-        lines = [i for i, raw in enumerate(fh.read().split(b"\n"), 1) if raw.strip()]
+    rows = bookkeeping.read_jsonl(args.data, required=("prompt", "generation"), numbered=True)
+    lines, rows = [line for line, _ in rows], [r for _, r in rows]
     pairs, counts = make_pairs(rows, args.data, lines, args.min_margin)
     device = bookkeeping.default_device_dtype()[0]
     ck = None if args.overwrite else bookkeeping.find_checkpoint(args.out)
