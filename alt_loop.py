@@ -38,8 +38,15 @@ import subprocess
 import sys
 import time
 
-import bookkeeping
-from bookkeeping import AltError
+from bookkeeping import (
+    AltError,
+    atomic_open,
+    cli,
+    hub_unreachable,
+    read_json,
+    read_jsonl,
+    write_json,
+)
 from common import QUANTILE_METHODS, meta_path
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -66,8 +73,7 @@ NOT_IN_PRESETS = ("preset", "dry_run", "compare")
 def build_parser():
     names = sorted(os.path.basename(f)[: -len(".json")] for f in glob.glob(f"{PRESETS}/*.json"))
     about = "".join(
-        f"\n  {n:16s}{bookkeeping.read_json(f'{PRESETS}/{n}.json').get('_about', '')}"
-        for n in names
+        f"\n  {n:16s}{read_json(f'{PRESETS}/{n}.json').get('_about', '')}" for n in names
     )
     p = argparse.ArgumentParser(
         prog="alt_loop.py",
@@ -234,7 +240,7 @@ def parse_args(argv=None):
     given, preset, required = typed(p, argv), [], []
     if given.get("preset"):
         path, known = os.path.join(PRESETS, f"{given['preset']}.json"), vars(p.parse_args([]))
-        for k, v in bookkeeping.read_json(path).items():
+        for k, v in read_json(path).items():
             if k.startswith("_"):
                 continue
             if k not in known or k in NOT_IN_PRESETS:
@@ -336,7 +342,7 @@ def exemplar_flags(meta_file, dry=False):
     exemplars. A dry run has no meta yet: it shows where the value will come from."""
     if dry:
         return ["--condition", f"<exemplar in {meta_file}>"]
-    ex = bookkeeping.read_json(meta_file).get("exemplar")
+    ex = read_json(meta_file).get("exemplar")
     if ex is None:
         raise AltError(f"{meta_file}: no exemplar feedback recorded")
     return ["--condition-pool", ex] if ex.endswith(".json") else ["--condition", ex]
@@ -347,7 +353,7 @@ def check_config(args):
     keep = {k: v for k, v in vars(args).items() if k not in ("compare", "iterations", "dry_run")}
     path, default = os.path.join(args.out, "config.json"), vars(build_parser().parse_args([]))
     if os.path.exists(path):  # a key an older alt_loop did not write counts as its default
-        old = bookkeeping.read_json(path)
+        old = read_json(path)
         diff = [
             f"--{k.replace('_', '-')} {keep.get(k)!r} (was {old.get(k, default.get(k))!r})"
             for k in sorted(set(old) | set(keep))
@@ -358,7 +364,7 @@ def check_config(args):
                 f"{path} was written with other settings: {'; '.join(diff)}. Use "
                 f"another --out, or the same flags to resume"
             )
-    bookkeeping.write_json(path, {**keep, "iterations": args.iterations})
+    write_json(path, {**keep, "iterations": args.iterations})
 
 
 def check_hub(args):
@@ -368,7 +374,7 @@ def check_hub(args):
         for s in (args.scorer, args.eval_scorer, args.extra_scorer)
         if s and s[:3] == "hf:"
     ]
-    if bookkeeping.hub_unreachable([args.model, args.fluency_model, *judges]):
+    if hub_unreachable([args.model, args.fluency_model, *judges]):
         os.environ["HF_HUB_OFFLINE"] = "1"  # the stages inherit it: cached files, no retries
         print("[alt_loop] the Hub is unreachable: every stage runs with HF_HUB_OFFLINE=1")
 
@@ -548,15 +554,13 @@ def collect(run_dir):
         if not os.path.isdir(it):
             break
         summary = os.path.join(it, "model", "train_summary.json")
-        summary = bookkeeping.read_json(summary) if os.path.exists(summary) else {}
+        summary = read_json(summary) if os.path.exists(summary) else {}
         if "generations_sampled" in summary:  # online methods (PPO) count their own rollouts
             sampled = summary["generations_sampled"]
         elif os.path.exists(os.path.join(it, "samples.jsonl")):
-            sampled += len(
-                bookkeeping.read_jsonl(os.path.join(it, "samples.jsonl"), allow_empty=True)
-            )
+            sampled += len(read_jsonl(os.path.join(it, "samples.jsonl"), allow_empty=True))
         if os.path.exists(os.path.join(it, "eval", "eval.json")):
-            rows.append((k, bookkeeping.read_json(os.path.join(it, "eval", "eval.json")), sampled))
+            rows.append((k, read_json(os.path.join(it, "eval", "eval.json")), sampled))
     return rows
 
 
@@ -590,7 +594,7 @@ def report(runs, out):
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(out, exist_ok=True)
-    with bookkeeping.atomic_open(os.path.join(out, "curves.png"), "wb") as fh:
+    with atomic_open(os.path.join(out, "curves.png"), "wb") as fh:
         fig.savefig(fh, format="png", dpi=110)
     plt.close(fig)
     lines = [
@@ -604,7 +608,7 @@ def report(runs, out):
                 f(e.get(m)) for m in ("avg_max_toxicity", "toxicity_prob", "fluency_ppl", "dist_3")
             ]
             lines.append(f"| {name} | {k} | {' | '.join(cells)} | {sampled} |")
-    with bookkeeping.atomic_open(os.path.join(out, "results.md")) as fh:
+    with atomic_open(os.path.join(out, "results.md")) as fh:
         fh.write("\n".join(lines) + "\n")
     print(f"[alt_loop] wrote {out}/curves.png and {out}/results.md")
 
@@ -627,4 +631,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    bookkeeping.cli(main)
+    cli(main)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 import bookkeeping
 import common
-from bookkeeping import AltError
+from bookkeeping import AltError, finite
 from common import SEPARATOR
 from scorers import make_scorer, scorer_failed
 
@@ -77,7 +77,7 @@ def parse_args(argv=None):
     a("--split", default="test", help="dataset split when --prompts is read with `datasets`")
     a(
         "--max-prompts",
-        type=bookkeeping.finite(1, kind=int),
+        type=finite(1, kind=int),
         default=None,
         help="only the first N prompts (default: all)",
     )
@@ -98,7 +98,7 @@ def parse_args(argv=None):
     a("--top-p", type=float, default=0.9, help="nucleus sampling p (paper, evaluation: 0.9)")
     a(
         "--temperature",
-        type=bookkeeping.finite(0),
+        type=finite(0),
         default=1.0,
         help="sampling temperature (paper: 1.0)",
     )
@@ -119,7 +119,7 @@ def parse_args(argv=None):
     a(
         "--scorer",
         default="profanity-check",
-        help="toxicity scorer (feedback.make_scorer spec; paper: perspective)",
+        help="toxicity scorer (scorers.make_scorer spec; paper: perspective)",
     )
     a(
         "--extra-scorer",
@@ -133,7 +133,7 @@ def parse_args(argv=None):
     )
     a(
         "--qps",
-        type=bookkeeping.finite(0, strict=True),
+        type=finite(0, strict=True),
         default=1.0,
         help="queries/s for API scorers (Perspective's default quota: 1)",
     )
@@ -650,9 +650,8 @@ def main(argv=None):
     if args.extra_scorer:
         result["extra"] = {**compute_metrics(rows, "extra_toxicity"), "scorer": args.extra_scorer}
     bookkeeping.write_jsonl(gen_path, rows)
-    bookkeeping.write_json(
-        eval_path, result
-    )  # written last: its presence marks the evaluation finished
+    # written last: its presence marks the evaluation finished
+    bookkeeping.write_json(eval_path, result)
     os.remove(log_path)
     print(format_table(result, baseline))
     print(f"evaluate.py: {len(rows)} generations of {result['n_prompts']} prompts -> {eval_path}")

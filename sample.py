@@ -42,7 +42,7 @@ from transformers import (
 
 import bookkeeping
 import common
-from bookkeeping import AltError
+from bookkeeping import AltError, finite
 from common import SEPARATOR
 
 # ----------------------------------------------------------------------------- defaults (paper: toxicity, after Quark)
@@ -96,7 +96,7 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--temperature",
-        type=bookkeeping.finite(0),
+        type=finite(0),
         default=TEMPERATURE,
         help="sampling temperature (paper: 1.0; 0 = greedy, every sample identical)",
     )
@@ -450,9 +450,8 @@ def merge(out, overwrite=False):
 
 # ----------------------------------------------------------------------------- main
 def load_condition_pool(path):
-    pool = bookkeeping.read_json(
-        path, kind=object
-    )  # the shape is checked below, with its own message
+    # the shape is checked below, with its own message
+    pool = bookkeeping.read_json(path, kind=object)
     if (
         not isinstance(pool, list)
         or not pool

@@ -430,9 +430,8 @@ def main(argv=None):
     # ---- optimisation: AdamW + linear warmup/decay, the resume state, then DDP or DeepSpeed around the model
     optimizer, scheduler = adamw(args, model, total_steps)
     fingerprint = run_fingerprint(args, len(examples), G, world, total_steps)
-    bookkeeping.seed_everything(
-        args.seed + rank
-    )  # dropout differs by rank; a resume restores the RNG
+    # dropout differs by rank; a resume restores the RNG
+    bookkeeping.seed_everything(args.seed + rank)
     step, beta, alpha, zero = 0, args.beta, args.alpha, None
     if ck:
         state = bookkeeping.load_checkpoint(ck, fingerprint, optimizer, scheduler, rank)
@@ -443,9 +442,8 @@ def main(argv=None):
     ddp = world > 1 and not args.deepspeed
 
     # ---- the loop: one optimizer step per global batch; rank 0 alone writes the log, the checkpoints and the model
-    log = (
-        bookkeeping.open_log(os.path.join(args.out, "train_log.jsonl"), step) if rank == 0 else None
-    )
+    log_path = os.path.join(args.out, "train_log.jsonl")
+    log = bookkeeping.open_log(log_path, step) if rank == 0 else None
     barrier()
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
     plan, row, pad, slots, t_start = {}, {}, 0, 0, time.time()

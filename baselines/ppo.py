@@ -3,7 +3,7 @@ the toxicity scorer as the reward model.
 
 Objective (x a prompt, y ~ π_θ(·|x), p_0 the initial model, λ = --kl-coef):
     max_θ  E_x E_{y ~ π_θ(·|x)} [ r(x, y) − λ · Σ_t log( π_θ(y_t | x, y<t) / p_0(y_t | x, y<t) ) ]
-    r(x, y) = 1 − toxicity(y)   (the scorer: feedback.make_scorer)
+    r(x, y) = 1 − toxicity(y)   (the scorer: scorers.make_scorer)
 Per-token rewards of a rollout, t = 1..T over y's tokens (the EOS that ended y included):
     r_t = −λ · (log π_old(y_t|x, y<t) − log p_0(y_t|x, y<t))  +  1[t = T] · r(x, y)
 GAE with the value head V (a linear layer on π_θ's last hidden state), V(s_{T+1}) = 0:
@@ -17,7 +17,7 @@ Adaptive KL (--target-kl, Ziegler et al.): λ ← λ · (1 + clip(KL/target − 
 Rollouts come from sample.generate_batched (nucleus top_p, temperature, control tokens suppressed, as sample.py), with
 y's exact token ids; the log-probs mask the same control tokens, so π_old is exactly the sampling distribution.
 
-Input  --prompts JSONL (common.load_prompts), --model p_0 (π_θ starts from it), --scorer (feedback.make_scorer spec).
+Input  --prompts JSONL (common.load_prompts), --model p_0 (π_θ starts from it), --scorer (scorers.make_scorer spec).
 Output --out RUN: RUN/ppo_log.jsonl, a row per update {update, generations, score, toxicity, kl, kl_coef, pg_loss,
        vf_loss, clipfrac, approx_kl, ...}; every --save-every updates RUN/iter_k/model/: save_pretrained + tokenizer +
        value_head.safetensors + train_summary.json (method "ppo", generations_sampled: rollouts drawn so far, read by

@@ -9,7 +9,7 @@ Input (development only, never copied into the repo): ../shared/data/rtp/rtp_dev
     scores in [0, 1]. A text whose score is null is skipped (counted).
 Output: --out (toy/scorer): save_pretrained safetensors + tokenizer + config (num_labels=1, problem_type
     multi_label_classification: feedback.py's hf scorer applies a sigmoid), and build_summary.json (split sizes,
-    held-out agreement). Use it as `feedback.make_scorer("hf:toy/scorer")` or `--scorer hf:toy/scorer`.
+    held-out agreement). Use it as `scorers.make_scorer("hf:toy/scorer")` or `--scorer hf:toy/scorer`.
 
 Launch from the repo root (about 3 min on 1 CPU thread; the epoch with the lowest val BCE is kept):
     HF_HUB_OFFLINE=1 python -m toy.build_toy_scorer --data ../shared/data --out toy/scorer
