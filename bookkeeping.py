@@ -1,8 +1,11 @@
 """bookkeeping.py: plumbing, not the algorithm. A reader of ALT may skip this file.
 
 What every stage needs and none should re-invent: the one-line error and its exit code (AltError, cli), argparse's
-finite-number type, atomic JSON/JSONL writes and reads, the overlap check of output and input paths, the Hub probe,
-seeding and the default device.
+finite-number type, atomic JSON/JSONL writes and reads, the done / --overwrite preamble (finished), the resumable
+journal (open_journal: sample's OUT.partial, evaluate's eval.partial.jsonl, feedback's judge cache, the trainers'
+logs), the resume checkpoint with its RNG state (save/find/load/remove_checkpoint), the context-length lookup, row
+checks against a declared schema (check_row), the overlap check of output and input paths, the Hub probe, seeding
+and the default device.
 """
 
 import argparse
