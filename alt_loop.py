@@ -40,9 +40,18 @@ import subprocess
 import sys
 import time
 
-import common
-from common import AltError
-from feedback import QUANTILE_METHODS, meta_path
+from bookkeeping import (
+    AltError,
+    atomic_open,
+    cli,
+    finite,
+    hold_lock,
+    hub_unreachable,
+    read_json,
+    read_jsonl,
+    write_json,
+)
+from common import QUANTILE_METHODS, meta_path
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PRESETS = os.path.join(ROOT, "configs", "presets")
@@ -69,7 +78,7 @@ LOCK = "alt_loop.lock"  # in the run folder: pid and host of the alt_loop runnin
 def build_parser():
     names = sorted(os.path.basename(f)[: -len(".json")] for f in glob.glob(f"{PRESETS}/*.json"))
     about = "".join(
-        f"\n  {n:16s}{common.read_json(f'{PRESETS}/{n}.json').get('_about', '')}" for n in names
+        f"\n  {n:16s}{read_json(f'{PRESETS}/{n}.json').get('_about', '')}" for n in names
     )
     p = argparse.ArgumentParser(
         prog="alt_loop.py",
@@ -126,7 +135,7 @@ def build_parser():
     )
     a(
         "--max-new-tokens",
-        type=common.finite(1, kind=int),
+        type=finite(1, kind=int),
         default=20,
         help="tokens per y, sampling and evaluation (paper: 20 toxicity, 64 TL;DR, 256 HH)",
     )
@@ -139,13 +148,13 @@ def build_parser():
     )
     a(
         "--temperature",
-        type=common.finite(0),
+        type=finite(0),
         default=1.0,
         help="sampling temperature, sampling and evaluation (paper: 1.0; TL;DR sampling: 0.9)",
     )
     a(
         "--train-top-p",
-        type=common.finite(0, 1, strict=True),
+        type=finite(0, 1, strict=True),
         default=0.9,
         help="nucleus p when sampling D (paper: 1.0; toy: "
         "0.9, since the weak toy LM's full-nucleus samples are mostly noise, costly to fit)",
@@ -159,39 +168,39 @@ def build_parser():
     )
     a(
         "--train-samples",
-        type=common.finite(0, kind=int),
+        type=finite(0, kind=int),
         default=2400,
         help="rows of D_k drawn for each iteration's "
         "training, 0 = all (official toxicity: 2,000 steps x batch 32; toy: 2400 = 75 steps)",
     )
     a(
         "--epochs",
-        type=common.finite(1, kind=int),
+        type=finite(1, kind=int),
         default=2,
         help="passes over those rows per iteration (paper: toxicity 1, TL;DR/HH 2; toy: 2)",
     )
     a(
         "--lr",
-        type=common.finite(0, strict=True),
+        type=finite(0, strict=True),
         default=1e-3,
         help="learning rate (paper: 1e-5 for GPT-2 large; the "
         "toy LM is 140x smaller, far from converged and trains 75 steps per iteration, so 100x)",
     )
     a(
         "--batch-size",
-        type=common.finite(1, kind=int),
+        type=finite(1, kind=int),
         default=32,
         help="train.py batch size (paper: 32; TL;DR: 8)",
     )
     a(
         "--beta",
-        type=common.finite(0),
+        type=finite(0),
         default=0.05,
         help="train.py KL coefficient (paper: 0.05 toxicity, no KL for TL;DR and HH)",
     )
     a(
         "--alpha",
-        type=common.finite(),
+        type=finite(),
         default=0.0,
         help="train.py entropy coefficient (paper: 0.06; toy: 0, "
         "since at the toy's lr the bonus outweighs what the tags teach and doubles perplexity)",
@@ -213,7 +222,7 @@ def build_parser():
     a("--eval-samples", type=int, default=10, help="y per eval prompt (paper: 25; toy: 10)")
     a(
         "--eval-top-p",
-        type=common.finite(0, 1, strict=True),
+        type=finite(0, 1, strict=True),
         default=0.9,
         help="nucleus p for evaluation (paper: 0.9)",
     )
@@ -239,7 +248,7 @@ def build_parser():
     )
     a(
         "--nproc",
-        type=common.finite(1, kind=int),
+        type=finite(1, kind=int),
         default=2,
         help="processes for --launcher torchrun|deepspeed",
     )
@@ -265,7 +274,7 @@ def parse_args(argv=None):
     given, preset, required = typed(p, argv), [], []
     if given.get("preset"):
         path, known = os.path.join(PRESETS, f"{given['preset']}.json"), vars(p.parse_args([]))
-        for k, v in common.read_json(path).items():
+        for k, v in read_json(path).items():
             if k.startswith("_"):
                 continue
             if k not in known or k in NOT_IN_PRESETS:
@@ -411,7 +420,7 @@ def exemplar_flags(meta_file, dry=False):
     exemplars. A dry run has no meta yet: it shows where the value will come from."""
     if dry:
         return ["--condition", f"<exemplar in {meta_file}>"]
-    ex = common.read_json(meta_file).get("exemplar")
+    ex = read_json(meta_file).get("exemplar")
     if not isinstance(ex, str):
         raise AltError(f"{meta_file}: no exemplar feedback recorded (a string), got {ex!r}")
     return ["--condition-pool", ex] if ex.endswith(".json") else ["--condition", ex]
@@ -439,7 +448,7 @@ def check_config(args):
     keep = {k: v for k, v in vars(args).items() if k not in ("compare", "iterations", "dry_run")}
     path, default = os.path.join(args.out, "config.json"), vars(build_parser().parse_args([]))
     if os.path.exists(path):  # a key an older alt_loop did not write counts as its default
-        old = common.read_json(path)
+        old = read_json(path)
         diff = [
             f"--{k.replace('_', '-')} {keep.get(k)!r} (was {old.get(k, default.get(k))!r})"
             for k in sorted(set(old) | set(keep))
@@ -451,7 +460,7 @@ def check_config(args):
                 f"{path} was written with other settings: {'; '.join(diff)}. Use "
                 f"another --out, or the same flags to resume"
             )
-    common.write_json(path, {**keep, "iterations": args.iterations})
+    write_json(path, {**keep, "iterations": args.iterations})
 
 
 def check_hub(args):
@@ -461,7 +470,7 @@ def check_hub(args):
         for s in (args.scorer, args.eval_scorer, args.extra_scorer)
         if s and s[:3] == "hf:"
     ]
-    if common.hub_unreachable([args.model, args.fluency_model, *judges]):
+    if hub_unreachable([args.model, args.fluency_model, *judges]):
         os.environ["HF_HUB_OFFLINE"] = "1"  # the stages inherit it: cached files, no retries
         print("[alt_loop] the Hub is unreachable: every stage runs with HF_HUB_OFFLINE=1")
 
@@ -507,7 +516,7 @@ def experiment(args):
             )
     check_hub(args)
     # a second alt_loop on this folder would race this one's stages and side files
-    lock = common.hold_lock(os.path.join(args.out, LOCK))
+    lock = hold_lock(os.path.join(args.out, LOCK))
     try:
         check_config(args)
         stages(args)
@@ -656,13 +665,13 @@ def collect(run_dir):
         if not os.path.isdir(it):
             break
         summary = os.path.join(it, "model", "train_summary.json")
-        summary = common.read_json(summary) if os.path.exists(summary) else {}
+        summary = read_json(summary) if os.path.exists(summary) else {}
         if "generations_sampled" in summary:  # online methods (PPO) count their own rollouts
             sampled = summary["generations_sampled"]
         elif os.path.exists(os.path.join(it, "samples.jsonl")):
-            sampled += len(common.read_jsonl(os.path.join(it, "samples.jsonl"), allow_empty=True))
+            sampled += len(read_jsonl(os.path.join(it, "samples.jsonl"), allow_empty=True))
         if os.path.exists(os.path.join(it, "eval", "eval.json")):
-            rows.append((k, common.read_json(os.path.join(it, "eval", "eval.json")), sampled))
+            rows.append((k, read_json(os.path.join(it, "eval", "eval.json")), sampled))
     return rows
 
 
@@ -696,7 +705,7 @@ def report(runs, out):
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(out, exist_ok=True)
-    with common.atomic_open(os.path.join(out, "curves.png"), "wb") as fh:
+    with atomic_open(os.path.join(out, "curves.png"), "wb") as fh:
         fig.savefig(fh, format="png", dpi=110)
     plt.close(fig)
     lines = [
@@ -710,7 +719,7 @@ def report(runs, out):
                 f(e.get(m)) for m in ("avg_max_toxicity", "toxicity_prob", "fluency_ppl", "dist_3")
             ]
             lines.append(f"| {name} | {k} | {' | '.join(cells)} | {sampled} |")
-    with common.atomic_open(os.path.join(out, "results.md")) as fh:
+    with atomic_open(os.path.join(out, "results.md")) as fh:
         fh.write("\n".join(lines) + "\n")
     print(f"[alt_loop] wrote {out}/curves.png and {out}/results.md")
 
@@ -733,4 +742,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli(main)

@@ -1,4 +1,5 @@
-"""common.py: the one contract the ALT stages share. JSONL I/O, the conditioning template, policy loading.
+"""common.py: the one contract the ALT stages share: the row schema, the conditioning template, prompt and policy
+loading. The plumbing (JSONL I/O, errors, resume journals, checkpoints) is in bookkeeping.py.
 
 Prompt file (input of sample.py / evaluate.py), one JSON object per line:
     {"prompt": "text"}  or the RealToxicityPrompts shape  {"prompt": {"text": "..."}},  optional "id"
@@ -21,192 +22,42 @@ Conditioning template (the single source, used by sample, train and evaluate):
     condition(x, f) = f + "<|separator|>" + x        (x alone when f is None)
 """
 
-import argparse
-import contextlib
-import functools
-import json
-import math
 import os
-import random
-import sys
-import tempfile
+
+from bookkeeping import AltError, default_device_dtype, hub_unreachable, read_jsonl
 
 SEPARATOR = "<|separator|>"
-# os.umask reads it only by setting it: once, here, as later it would race with threads making files
-UMASK = os.umask(0)
-os.umask(UMASK)
+# the kinds a pool row's fields may have, for bookkeeping.check_row (prompt_id null: grouped by the prompt text)
+POOL_ROW = {
+    "prompt_id": (int, str, None),
+    "prompt": (str,),
+    "generation": (str,),
+    "feedback": (str, None),
+    "reward": (float, None),
+}
+# the feedback methods whose f is the tag of y's reward quantile (feedback.py writes their pools)
+QUANTILE_METHODS = ("alt-rm", "quark")
 
 
 def quantile_token(k):  # Quark's k-th reward-quantile control token (k=0: the best quantile)
     return f"<|quantile_{k}|>"
 
 
-class AltError(Exception):
-    """A user-facing error: printed as one line (no traceback) and the stage exits with code 2."""
+def meta_path(pool):
+    """The sidecar of a pool: OUT minus .jsonl plus .meta.json."""
+    return pool[: -len(".jsonl")] + ".meta.json"
 
 
-def cli(main):
-    """Run a stage's main(); turn AltError into a one-line message and exit code 2."""
-    try:
-        main()
-    except AltError as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+def condition(prompt, feedback):
+    """The model input for x under feedback f: f, the separator token, then x. p_0 (feedback None) sees x alone."""
+    return prompt if feedback is None else f"{feedback}{SEPARATOR}{prompt}"
 
 
-def finite(lo=None, hi=None, kind=float, strict=False):
-    """An argparse type: a finite `kind` >= lo (> lo when strict) and <= hi; else the flag's one-line usage error."""
-    bounds = [f"{'>' if strict else '>='} {lo}"] if lo is not None else []
-    bounds += [f"<= {hi}"] if hi is not None else []
-    what = "an integer" if kind is int else "a finite number"
-    need = f"must be {what} {' and '.join(bounds)}".rstrip()
-
-    def parse(text):
-        value = kind(text)  # a ValueError is argparse's own "invalid float value: 'x'"
-        low = lo is not None and (value <= lo if strict else value < lo)
-        if not finite_number(value) or low or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"{need}, got {text!r}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-# ----------------------------------------------------------------------------- JSONL I/O
-def malformed_json(where, e):
-    # some of json's messages end in " at" ("Unterminated string starting at"): the column completes them
-    return AltError(f"{where}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
-
-
-def read_jsonl(path, required=(), allow_empty=False, partial_ok=False):
-    """Read a JSONL file; errors name file:line and the key. partial_ok drops a torn last line (append logs)."""
-    try:
-        with open(path, "rb") as fh:
-            lines = fh.read().split(b"\n")
-    except OSError as e:
-        raise AltError(f"{path}: cannot read ({e.strerror})") from None
-    rows = []
-    for i, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise AltError(
-                f"{path}:{i}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
-            ) from None
-        except json.JSONDecodeError as e:
-            if partial_ok and i >= len(lines) - 1:
-                # a crash mid-append leaves at most one torn final line
-                break
-            raise malformed_json(f"{path}:{i}", e) from None
-        except (ValueError, RecursionError) as e:  # an int over 4300 digits, nesting past the stack
-            raise AltError(f"{path}:{i}: unreadable JSON ({str(e).split(':')[0]})") from None
-        if not isinstance(row, dict):
-            raise AltError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-        for key in required:
-            if key not in row:
-                raise AltError(f"{path}:{i}: missing key '{key}'")
-        rows.append(row)
-    if not rows and not allow_empty:
-        raise AltError(f"{path}: file is empty")
-    return rows
-
-
-@contextlib.contextmanager
-def atomic_open(path, mode="w"):
-    """Write to a temp file in the same folder, then rename: a crash never leaves a half-written `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    except OSError as e:
-        raise AltError(f"{path}: cannot write ({e.strerror})") from None
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
-            yield fh
-            fh.flush()
-            # mkstemp makes 0600: give the file the mode open() would
-            os.fchmod(fh.fileno(), 0o666 & ~UMASK)
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def write_jsonl(path, rows):
-    with atomic_open(path) as fh:
-        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
-def write_json(path, obj):
-    with atomic_open(path) as fh:
-        fh.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-def read_json(path, kind=dict):
-    """A whole JSON file (config, meta, summary) -> its value, a `kind`; any failure is one error naming the file."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            value = json.load(fh)
-    except OSError as e:
-        raise AltError(f"{path}: cannot read ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise malformed_json(f"{path}:{e.lineno}", e) from None
-    except UnicodeDecodeError as e:
-        raise AltError(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x})") from None
-    except (ValueError, RecursionError) as e:  # an int over 4300 digits, nesting past the stack
-        raise AltError(f"{path}: unreadable JSON ({str(e).split(':')[0]})") from None
-    if not isinstance(value, kind):
-        raise AltError(
-            f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, "
-            f"got {type(value).__name__}"
-        )
-    return value
-
-
-def _local_path(path):
-    """The real path of a local file or folder, or None for a Hub name (neither it nor its parent folder exists)."""
-    if path and (os.path.exists(path) or os.path.isdir(os.path.dirname(os.path.abspath(path)))):
-        return os.path.realpath(path)
-    return None
-
-
-def refuse_overlap(outputs, inputs):
-    """Raise AltError when an output path is, holds or lies inside an input path. outputs, inputs: {flag: path, list
-    of paths or None}. Called before a stage writes or deletes anything, whatever --overwrite says."""
-
-    def pairs(flags):
-        for flag, paths in flags.items():
-            for path in [paths] if isinstance(paths, str) else paths or []:
-                real = _local_path(path)
-                if real is not None:
-                    yield flag, path, real
-
-    for out_flag, out, o in pairs(outputs):
-        for in_flag, inp, i in pairs(inputs):
-            if o == i:
-                raise AltError(
-                    f"{out_flag} and {in_flag} are the same path ({out}): an output may not replace "
-                    "an input"
-                )
-            if os.path.commonpath([o, i]) in (o, i):
-                inner, outer = (out_flag, out), (in_flag, inp)
-                if len(o) < len(i):  # the shorter path holds the other
-                    inner, outer = outer, inner
-                raise AltError(
-                    f"{inner[0]} {inner[1]} lies inside {outer[0]} {outer[1]}: an output may not "
-                    "overlap an input"
-                )
-
-
-def append_jsonl(fh, row):
-    """Append one row to an open log and make it durable now (side files, LLM caches); read back with partial_ok."""
-    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    fh.flush()
-    os.fsync(fh.fileno())
+def control_token_ids(tokenizer):
+    """Ids of the tokens ALT adds (separator, Quark quantiles): sampling must never generate them."""
+    return sorted(
+        i for t, i in tokenizer.get_vocab().items() if t == SEPARATOR or t.startswith("<|quantile_")
+    )
 
 
 def load_prompts(spec, split="train", field=None):
@@ -249,90 +100,6 @@ def load_prompts(spec, split="train", field=None):
     return out
 
 
-# ----------------------------------------------------------------------------- conditioning
-def prompt_key(path, line, row, seen):
-    """A pool row's x identity for grouping: prompt_id (int or str), else the prompt text. `seen` maps each id to
-    the first (prompt, line), so an id reused for another x is an error, not a silently merged group."""
-    pid = row.get("prompt_id")
-    if pid is None:
-        return row["prompt"]
-    if isinstance(pid, bool) or not isinstance(pid, (int, str)):
-        raise AltError(f"{path}:{line}: 'prompt_id' must be an int or a string, got {pid!r}")
-    first = seen.setdefault(str(pid), (row["prompt"], line))
-    if first[0] != row["prompt"]:
-        raise AltError(
-            f"{path}:{line}: prompt_id {pid!r} was given to another prompt on line {first[1]}"
-        )
-    return str(pid)
-
-
-def condition(prompt, feedback):
-    """The model input for x under feedback f: f, the separator token, then x. p_0 (feedback None) sees x alone."""
-    return prompt if feedback is None else f"{feedback}{SEPARATOR}{prompt}"
-
-
-def strip_condition(text):
-    """Inverse of condition(): (feedback or None, prompt)."""
-    feedback, sep, prompt = text.partition(SEPARATOR)
-    return (feedback, prompt) if sep else (None, text)
-
-
-# ----------------------------------------------------------------------------- models
-def default_device_dtype():
-    import torch
-
-    return ("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32")
-
-
-def control_token_ids(tokenizer):
-    """Ids of the tokens ALT adds (separator, Quark quantiles): sampling must never generate them."""
-    return sorted(
-        i for t, i in tokenizer.get_vocab().items() if t == SEPARATOR or t.startswith("<|quantile_")
-    )
-
-
-@functools.lru_cache(maxsize=None)
-def _hub_answers(endpoint):
-    """One HEAD probe per endpoint and process (a stage may load a policy, a judge and a fluency LM)."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5)
-        return True
-    except urllib.error.HTTPError:  # an answer, even an error, means the Hub is reachable
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def hub_unreachable(names):
-    """Fail fast where transformers would retry for ~25 s per file: a name that is no local folder, with
-    HF_HUB_OFFLINE unset and the Hub unreachable, must be in the Hub cache. True: unreachable, all cached."""
-    names = sorted({n for n in names if n and not os.path.isdir(n)})
-    if not names or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        return False
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    if _hub_answers(endpoint):
-        return False
-    from huggingface_hub import try_to_load_from_cache
-
-    def cached(name):
-        try:
-            return isinstance(try_to_load_from_cache(name, "config.json"), str)
-        except ValueError:  # not a valid repo id either: a local path that does not exist
-            return False
-
-    missing = [n for n in names if not cached(n)]
-    if missing:
-        raise AltError(
-            f"{', '.join(missing)}: not a local folder, not in the Hub cache, and "
-            f"{endpoint} is unreachable. Download it where there is network (`hf "
-            f"download NAME`) or pass a local folder"
-        )
-    return True
-
-
 def load_policy(name_or_path, device=None, dtype=None, extra_tokens=(), trust_remote_code=False):
     """Any HF causal LM by Hub name or local path -> (model, tokenizer): left padding, a pad token, and the
     separator (plus `extra_tokens`, e.g. Quark's) added as special tokens with new embedding rows set to EOS's."""
@@ -372,45 +139,3 @@ def load_policy(name_or_path, device=None, dtype=None, extra_tokens=(), trust_re
                 emb.weight[new_ids] = emb.weight[tok.eos_token_id].clone()
     model.config.pad_token_id = tok.pad_token_id
     return model.to(device), tok
-
-
-def seed_everything(seed):
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-
-
-# ---- numbers (validation)
-def finite_number(value):
-    """A JSON/CLI number that fits a float (a bool is none): math.isfinite overflows on a huge int."""
-    try:
-        return type(value) in (int, float) and math.isfinite(value)
-    except OverflowError:
-        return False
-
-
-# ---- locks (bookkeeping)
-def hold_lock(path):
-    """An exclusive flock on `path` (created) for as long as the returned fd stays open (the kernel drops it when
-    the process dies, so a stale file never blocks). Held elsewhere: AltError naming the holder's pid and host."""
-    import fcntl
-    import socket
-
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise AltError(f"{path}: cannot open the lock file ({e.strerror})") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "a process"
-        os.close(fd)
-        raise AltError(f"{path} is held by {holder}: another run is using it") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-    return fd

@@ -19,8 +19,8 @@ import sys
 
 import numpy as np
 
-import common
-from common import AltError
+import bookkeeping
+from bookkeeping import AltError
 from evaluate import PPL_MAX, TOXIC_ABOVE
 
 METRICS = (  # key, label, change against the baseline shown as a ratio
@@ -38,7 +38,7 @@ METRICS = (  # key, label, change against the baseline shown as a ratio
 def per_prompt(path, ids):
     """DIR -> {part: array over `ids`}: the per-prompt sums each metric is a ratio or mean of (NaN: no data)."""
     groups = {}
-    for r in common.read_jsonl(path):
+    for r in bookkeeping.read_jsonl(path):
         groups.setdefault(str(r["prompt_id"]), []).append(r)
     if ids is not None and set(groups) != set(ids):
         raise AltError(f"{path}: evaluated on other prompts than the first folder")
@@ -161,9 +161,9 @@ def main(argv=None):
     table = "\n".join(lines) + "\n"
     sys.stdout.write(table)
     if args.out:
-        with common.atomic_open(args.out) as fh:
+        with bookkeeping.atomic_open(args.out) as fh:
             fh.write(table)
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    bookkeeping.cli(main)

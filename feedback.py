@@ -35,32 +35,29 @@ import argparse
 import collections
 import concurrent.futures
 import hashlib
-import http.client
 import json
 import math
 import os
 import pathlib
 import re
-import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 
-from common import (
+from bookkeeping import (
     AltError,
     append_jsonl,
     cli,
+    finished,
     finite,
-    finite_number,
-    hub_unreachable,
-    quantile_token,
+    open_journal,
     read_json,
     read_jsonl,
     refuse_overlap,
     write_json,
     write_jsonl,
 )
+from common import QUANTILE_METHODS, meta_path, quantile_token
+from scorers import make_scorer, scorer_failed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TAG_SETS = {
@@ -90,10 +87,9 @@ STEERLM = dict(
         ],
     )
 )
-QUANTILE_METHODS, LLM_METHODS = ("alt-rm", "quark"), ("alt-lmc", "alt-lmu", "steerlm")
-# override with env PERSPECTIVE_API_URL (tests: a stub)
-PERSPECTIVE_URL = "https://commentanalyzer.googleapis.com"
-PERSPECTIVE_ATTEMPTS = 4
+LLM_METHODS = ("alt-lmc", "alt-lmu", "steerlm")
+# the ids of a row, hashed and sorted on (check_row kinds)
+ROW_IDS = {"prompt_id": (int, str), "iteration": (int, None), "sample_idx": (int, None)}
 
 parser = argparse.ArgumentParser(
     description="ALT stage 2: feedback f = F(x, y) for new samples; writes D_k."
@@ -180,157 +176,6 @@ p(
 )
 
 
-def meta_path(pool):
-    """The sidecar of a pool: OUT minus .jsonl plus .meta.json."""
-    return pool[: -len(".jsonl")] + ".meta.json"
-
-
-# ----------------------------------------------------------------------------- scorers (toxicity in [0, 1])
-def make_scorer(spec, qps=1.0, batch_size=256):
-    """spec -> score(texts) -> [toxicity in [0, 1] (higher = more toxic) or None (could not score)]."""
-    if spec == "profanity-check":
-        from profanity_check import predict_prob
-
-        # a linear model: per-call overhead, not memory, limits the chunk size
-        chunk = max(batch_size, 8192)
-        return lambda texts: [
-            float(v)
-            for i in range(0, len(texts), chunk)
-            for v in predict_prob(texts[i : i + chunk])
-        ]
-    if spec == "perspective":
-        return _perspective_scorer(qps)
-    if not spec.startswith("hf:"):
-        raise AltError(
-            f"unknown --scorer '{spec}' (profanity-check, hf:MODEL[:LABEL] or perspective)"
-        )
-    import torch  # hf:MODEL[:LABEL], a sequence classifier
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    name, _, label = spec[3:].partition(":")
-    local = hub_unreachable([name])  # cached, Hub unreachable: load without retries
-    try:
-        # None would prompt "run custom code?"
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False, local_files_only=local)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            name, trust_remote_code=False, local_files_only=local
-        )
-    except (OSError, ValueError) as e:
-        raise AltError(f"cannot load classifier '{name}': {str(e).splitlines()[0]}") from None
-    cfg = model.config
-    names = [str(cfg.id2label.get(i, i)).lower() for i in range(cfg.num_labels)]
-    if label:
-        col = (
-            int(label)
-            if label.isdigit()
-            else names.index(label.lower())
-            if label.lower() in names
-            else None
-        )
-    else:  # a label named toxic(ity), else the only / the positive one
-        col = next(
-            (names.index(n) for n in ("toxic", "toxicity") if n in names),
-            {1: 0, 2: 1}.get(cfg.num_labels),
-        )
-    if col is None or not 0 <= col < cfg.num_labels:
-        raise AltError(
-            f"scorer hf:{name}: pick the toxic label with hf:{name}:LABEL (labels: {', '.join(names)})"
-        )
-    sigmoid = cfg.problem_type == "multi_label_classification" or cfg.num_labels == 1
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    cfg.pad_token_id = tok.pad_token_id
-    max_len = min(tok.model_max_length, getattr(cfg, "max_position_embeddings", None) or 512)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device).eval()
-
-    @torch.no_grad()
-    def score(texts):
-        # less padding
-        out, order = [None] * len(texts), sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            enc = tok(
-                [texts[i] or " " for i in idx],
-                padding=True,
-                truncation=True,
-                max_length=max_len,
-                return_tensors="pt",
-            ).to(device)  # an empty y is scored as " ": zero tokens cannot be classified
-            logits = model(**enc).logits.float()  # (batch, num_labels)
-            probs = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, -1)
-            for i, v in zip(idx, probs[:, col].tolist()):
-                out[i] = v
-        return out
-
-    return score
-
-
-def scorer_failed(spec, n, errors):
-    """The error when `spec` scored none of n texts, counting its failure kinds (score.errors, e.g. 8 http_500)."""
-    kinds = ", ".join(f"{v} {k}" for k, v in sorted(errors.items())) or "no failure recorded"
-    return AltError(f"scorer {spec} could not score any of the {n} rows ({kinds})")
-
-
-def _perspective_scorer(qps):
-    key = os.environ.get("PERSPECTIVE_API_KEY")
-    if not key:
-        raise AltError("--scorer perspective needs PERSPECTIVE_API_KEY in the environment")
-    url = (
-        os.environ.get("PERSPECTIVE_API_URL", PERSPECTIVE_URL).rstrip("/")
-        + "/v1alpha1/comments:analyze"
-    )
-    timeout, gap, last = float(os.environ.get("PERSPECTIVE_TIMEOUT", "30")), 1.0 / qps, [0.0]
-    # a header: never in a URL an error may echo
-    head = {"Content-Type": "application/json", "X-Goog-Api-Key": key}
-    errors = collections.Counter()
-
-    def one(text):
-        if not text.strip():
-            return 0.0  # the API rejects empty comments; an empty y says nothing toxic
-        body = json.dumps(
-            {
-                "comment": {"text": text},
-                "languages": ["en"],
-                "requestedAttributes": {"TOXICITY": {}},
-            }
-        )
-        for attempt in range(PERSPECTIVE_ATTEMPTS):
-            time.sleep(max(0.0, last[0] + gap - time.monotonic()))  # --qps rate limit
-            # backoff in units of the rate-limit interval
-            last[0], wait = time.monotonic(), gap * 2**attempt
-            try:
-                with urllib.request.urlopen(
-                    urllib.request.Request(url, body.encode(), head), timeout=timeout
-                ) as r:
-                    v = float(
-                        json.loads(r.read())["attributeScores"]["TOXICITY"]["summaryScore"]["value"]
-                    )
-                if 0.0 <= v <= 1.0:
-                    return v
-                errors["value_out_of_range"] += 1
-            except urllib.error.HTTPError as e:
-                errors[f"http_{e.code}"] += 1
-                if e.code != 429 and e.code < 500:
-                    return None  # 4xx: asking again will not help
-                after = e.headers.get("Retry-After") or ""
-                wait = (
-                    max(wait, min(60.0, float(after)))
-                    if re.fullmatch(r"\d+(\.\d+)?", after)
-                    else wait
-                )
-            except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError) as e:
-                # reset, timeout, junk
-                errors[type(e).__name__] += 1
-            if attempt + 1 < PERSPECTIVE_ATTEMPTS:
-                time.sleep(wait)
-        return None
-
-    score = lambda texts: [one(t) for t in texts]  # noqa: E731
-    score.errors = errors  # failure kinds, for the meta counts
-    return score
-
-
 # ----------------------------------------------------------------------------- quantile feedback (alt-rm, quark)
 def assign_quantiles(rows, k, scope="global"):
     """Quantile index per row, 0 = highest reward, None where reward is None (the rule: module docstring)."""
@@ -400,17 +245,8 @@ def ask_judge(items, args, template, parse):
     from tqdm import tqdm
 
     keys = [cache_key(args.llm_model, template, x, y) for x, y in items]
-    rows = (
-        read_jsonl(args.cache, allow_empty=True, partial_ok=True)
-        if os.path.exists(args.cache)
-        else []
-    )
-    if os.path.exists(args.cache) and pathlib.Path(args.cache).read_bytes()[-1:] not in (
-        b"",
-        b"\n",
-    ):
-        # a killed run may tear the last line: drop it before we append after it
-        write_jsonl(args.cache, rows)
+    # replies as they arrived: a killed run loses none, a rerun asks nothing it has
+    rows, fh = open_journal(args.cache)
     cache = {r.get("key"): r["reply"] for r in rows if parse(r.get("reply")) is not None}
     # one ask per distinct (x, y)
     todo = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values())
@@ -447,9 +283,8 @@ def ask_judge(items, args, template, parse):
         got["failed"] = 1
         return i, None, got
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.cache)), exist_ok=True)
     with (
-        open(args.cache, "a", encoding="utf-8") as fh,
+        fh,
         concurrent.futures.ThreadPoolExecutor(args.concurrency) as ex,
     ):
         futures = [ex.submit(ask, i) for i in todo]
@@ -477,6 +312,7 @@ def load_inputs(args, tags):
             args.pool,
             required=("prompt_id", "prompt", "generation", "reward", "feedback"),
             allow_empty=True,
+            schema={**ROW_IDS, "reward": (float, None)},
         )
         mp = meta_path(args.pool)
         if os.path.exists(mp):
@@ -493,29 +329,18 @@ def load_inputs(args, tags):
                         f"({mp})"
                     )
         for i, r in enumerate(pool, 1):
-            if r["reward"] is not None and not finite_number(r["reward"]):
-                raise AltError(
-                    f"{args.pool}:{i}: reward must be a finite number or null, got {r['reward']!r}"
-                )
             if tags is not None and r["feedback"] is not None and r["feedback"] not in tags:
                 raise AltError(
                     f"{args.pool}:{i}: feedback {r['feedback']!r} is not one of --method {args.method}'s "
                     f"tags ({', '.join(tags)}): a pool from another method?"
                 )
-    new = read_jsonl(args.samples, required=("prompt_id", "prompt", "generation"))
-    for path, rows in ((args.pool, pool), (args.samples, new)):
-        # ids are hashed and sorted on below
-        for i, r in enumerate(rows, 1):
-            if type(r["prompt_id"]) not in (int, str) or any(
-                type(r.get(k) or 0) is not int for k in ("iteration", "sample_idx")
-            ):
-                raise AltError(
-                    f"{path}:{i}: prompt_id must be an int or a string; iteration and sample_idx ints"
-                )
+    new = read_jsonl(
+        args.samples,
+        required=("prompt_id", "prompt", "generation"),
+        schema={**ROW_IDS, "prompt": (str,), "generation": (str,)},
+    )
     seen = {(r["prompt_id"], r.get("iteration"), r.get("sample_idx")) for r in pool}
     for i, r in enumerate(new, 1):
-        if not isinstance(r["generation"], str) or not isinstance(r["prompt"], str):
-            raise AltError(f"{args.samples}:{i}: 'prompt' and 'generation' must be strings")
         if (
             "iteration" in r
             and "sample_idx" in r
@@ -553,8 +378,7 @@ def main(argv=None):
         {"--samples": args.samples, "--pool": args.pool, "--prompt-template": args.prompt_template},
     )
     refuse_overlap(outputs, {"--cache": args.cache})
-    if not args.overwrite and os.path.exists(args.out) and os.path.exists(meta_out):
-        print(f"done: {args.out} exists (--overwrite to redo)")
+    if finished([args.out, meta_out], args.overwrite):
         return
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
     if args.method == "steerlm" and categories != HH_CATEGORIES:

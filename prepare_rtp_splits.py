@@ -8,7 +8,7 @@ code builds them, in the prompt schema every stage reads ({"id", "prompt"}, comm
 "The other RTP prompts" are those whose text is not a test prompt's, so no test prompt reaches
 train or val, even when RTP holds the same text twice. train and val keep RTP's order; ids are
 "rtp-N" (N: the row in RTP) and "test-N" (the row in the 10k file). Each file is written atomically
-(common.write_jsonl): a crash never leaves half a file.
+(bookkeeping.write_jsonl): a crash never leaves half a file.
 
 Launch:
     python prepare_rtp_splits.py --test nontoxic_prompts-10k.jsonl --out data/rtp
@@ -20,6 +20,7 @@ import argparse
 import os
 import random
 
+import bookkeeping
 import common
 
 
@@ -62,7 +63,7 @@ def main(argv=None):
     held_out = {r["prompt"] for r in test}
     rest = [(i, r["prompt"]) for i, r in enumerate(rtp) if r["prompt"] not in held_out]
     if len(rest) <= args.val_size:
-        raise common.AltError(
+        raise bookkeeping.AltError(
             f"{args.rtp}: {len(rest)} prompts outside the test set, not more "
             f"than --val-size {args.val_size}"
         )
@@ -77,7 +78,7 @@ def main(argv=None):
     }
     for name, rows in splits.items():
         tag = "test" if name == "test" else "rtp"
-        common.write_jsonl(
+        bookkeeping.write_jsonl(
             os.path.join(args.out, f"{name}.jsonl"),
             [{"id": f"{tag}-{i}", "prompt": text} for i, text in rows],
         )
@@ -90,4 +91,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    bookkeeping.cli(main)

@@ -40,8 +40,10 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+import bookkeeping
 import common
-from common import SEPARATOR, AltError
+from bookkeeping import AltError, finite
+from common import SEPARATOR
 
 # ----------------------------------------------------------------------------- defaults (paper: toxicity, after Quark)
 NUM_SAMPLES = 4  # samples per prompt per iteration
@@ -94,7 +96,7 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--temperature",
-        type=common.finite(0),
+        type=finite(0),
         default=TEMPERATURE,
         help="sampling temperature (paper: 1.0; 0 = greedy, every sample identical)",
     )
@@ -332,11 +334,9 @@ def generate_batched(
     Optional: done {batch index: that batch's results} skips those batches (resume); on_batch(b, results) is
     called after each new batch; stats (a dict) receives counts (prompts_truncated, pad_share, generations, ...).
     """
-    ctx = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
-    )
-    max_len = ctx - max_new_tokens if ctx else None
-    if max_len is not None and max_len < 1:
+    ctx = bookkeeping.context_length(model.config)
+    max_len = ctx - max_new_tokens
+    if max_len < 1:
         raise AltError(
             f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the {ctx}-token context"
         )
@@ -401,8 +401,7 @@ def generate_batched(
 # ----------------------------------------------------------------------------- merge shards
 def merge(out, overwrite=False):
     """Join OUT.shard-i-of-n (i = 0..n-1) into OUT, ordered by prompt index then sample index."""
-    if os.path.exists(out) and not overwrite:
-        print(f"done: {out} exists (--overwrite to redo)")
+    if bookkeeping.finished([out], overwrite):
         return
     folder, base = os.path.split(os.path.abspath(out))
     pat = re.compile(re.escape(base) + r"\.shard-(\d+)-of-(\d+)")
@@ -428,7 +427,9 @@ def merge(out, overwrite=False):
     rows = []
     for i in range(n):
         path = f"{out}.shard-{i}-of-{n}"
-        part = common.read_jsonl(path, required=("prompt_index", "sample_idx"), allow_empty=True)
+        part = bookkeeping.read_jsonl(
+            path, required=("prompt_index", "sample_idx"), allow_empty=True
+        )
         for line, r in enumerate(part, 1):
             if r["prompt_index"] % n != i:
                 raise AltError(
@@ -443,13 +444,14 @@ def merge(out, overwrite=False):
         )
     for r in rows:
         del r["prompt_index"]  # only shards need it: the merged file is exactly an unsharded run's
-    common.write_jsonl(out, rows)
+    bookkeeping.write_jsonl(out, rows)
     print(f"sample.py: merged {n} shards -> {len(rows)} rows in {out}")
 
 
 # ----------------------------------------------------------------------------- main
 def load_condition_pool(path):
-    pool = common.read_json(path, kind=object)  # the shape is checked below, with its own message
+    # the shape is checked below, with its own message
+    pool = bookkeeping.read_json(path, kind=object)
     if (
         not isinstance(pool, list)
         or not pool
@@ -465,12 +467,11 @@ def main(argv=None):
         return merge(args.merge, args.overwrite)
     out = args.out if args.shard is None else f"{args.out}.shard-{args.shard[0]}-of-{args.shard[1]}"
     side = out + ".partial"  # finished batches of a run in progress, for resume
-    common.refuse_overlap(
+    bookkeeping.refuse_overlap(
         {"--out": [out, side]},
         {"--prompts": args.prompts, "--model": args.model, "--condition-pool": args.condition_pool},
     )
-    if os.path.exists(out) and not args.overwrite:
-        print(f"done: {out} exists (--overwrite to redo)")
+    if bookkeeping.finished([out], args.overwrite):
         return
     pool = load_condition_pool(args.condition_pool) if args.condition_pool else None
     for f in pool or [args.condition]:
@@ -503,7 +504,7 @@ def main(argv=None):
 
     stats, rows = {}, []
     if keep:
-        device, dtype = common.default_device_dtype()
+        device, dtype = bookkeeping.default_device_dtype()
         device, dtype = args.device or device, args.dtype or dtype
         quark = sorted(
             {t for f in set(conds) - {None} for t in re.findall(r"<\|quantile_\d+\|>", f)}
@@ -531,16 +532,11 @@ def main(argv=None):
             device=device,
             dtype=dtype,
         )
-        done = {}
-        if os.path.exists(side) and not args.overwrite:
-            log = common.read_jsonl(side, allow_empty=True, partial_ok=True)
-            if log and log[0].get("config") == config:
-                done = {r["batch"]: r["results"] for r in log[1:]}
-                print(f"resuming: {len(done)} finished batches in {side}", file=sys.stderr)
-        common.write_jsonl(
-            side, [{"config": config}] + [{"batch": b, "results": r} for b, r in done.items()]
-        )
-        with open(side, "a", encoding="utf-8") as fh:
+        done, fh = bookkeeping.open_journal(side, config, fresh=args.overwrite)
+        done = {r["batch"]: r["results"] for r in done}
+        if done:
+            print(f"resuming: {len(done)} finished batches in {side}", file=sys.stderr)
+        with fh:
             results = generate_batched(
                 model,
                 tok,
@@ -556,7 +552,7 @@ def main(argv=None):
                 stats=stats,
                 min_new_tokens=args.min_new_tokens,
                 exact_sampler=args.exact_sampler,
-                on_batch=lambda b, r: common.append_jsonl(fh, {"batch": b, "results": r}),
+                on_batch=lambda b, r: bookkeeping.append_jsonl(fh, {"batch": b, "results": r}),
             )
         for i, ys in zip(keep, results):
             for j, y in enumerate(ys):
@@ -573,7 +569,7 @@ def main(argv=None):
                         **({"prompt_index": i} if args.shard else {}),
                     }
                 )
-    common.write_jsonl(out, rows)
+    bookkeeping.write_jsonl(out, rows)
     if os.path.exists(side):
         os.remove(side)
     rate = stats.get("generations", 0) / max(stats.get("seconds", 0), 1e-9)
@@ -586,4 +582,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    bookkeeping.cli(main)

@@ -30,16 +30,14 @@ import contextlib
 import math
 import os
 import random
-import shutil
 import time
 
 import torch
 
+import bookkeeping
 import common
-from common import AltError
-
-# POOL minus ".jsonl" plus ".meta.json": the stage that writes it owns the name
-from feedback import meta_path
+from bookkeeping import AltError
+from common import meta_path
 
 
 def parse_args(argv=None):
@@ -60,13 +58,13 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument(
         "--beta",
-        type=common.finite(0),
+        type=bookkeeping.finite(0),
         default=0.05,
         help="KL coefficient β (paper, toxicity: 0.05)",
     )
     p.add_argument(
         "--alpha",
-        type=common.finite(),
+        type=bookkeeping.finite(),
         default=0.06,
         help="entropy-bonus coefficient α (paper, toxicity: 0.06)",
     )
@@ -80,31 +78,31 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--lr",
-        type=common.finite(0, strict=True),
+        type=bookkeeping.finite(0, strict=True),
         default=1e-5,
         help="AdamW learning rate (paper: Adam, 1e-5)",
     )
     p.add_argument(
         "--adam-eps",
-        type=common.finite(0, strict=True),
+        type=bookkeeping.finite(0, strict=True),
         default=1e-8,
         help="Adam epsilon (paper: 1e-8)",
     )
     p.add_argument(
         "--weight-decay",
-        type=common.finite(0),
+        type=bookkeeping.finite(0),
         default=0.0,
         help="AdamW weight decay (paper: plain Adam, 0)",
     )
     p.add_argument(
         "--warmup-ratio",
-        type=common.finite(0, 1),
+        type=bookkeeping.finite(0, 1),
         default=0.05,
         help="linear-warmup share of steps (paper: linear)",
     )
     p.add_argument(
         "--max-grad-norm",
-        type=common.finite(0, strict=True),
+        type=bookkeeping.finite(0, strict=True),
         help="clip the gradient norm (paper: none)",
     )
     p.add_argument(
@@ -132,17 +130,17 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--target-kl",
-        type=common.finite(0, strict=True),
+        type=bookkeeping.finite(0, strict=True),
         help="adapt β to keep the per-token KL near this (paper: fixed)",
     )
     p.add_argument(
         "--target-entropy",
-        type=common.finite(0, strict=True),
+        type=bookkeeping.finite(0, strict=True),
         help="adapt α to keep the token entropy near this (paper: fixed)",
     )
     p.add_argument(
         "--controller-rate",
-        type=common.finite(0, strict=True),
+        type=bookkeeping.finite(0, strict=True),
         default=0.1,
         help="log-step of the adaptive β/α controllers",
     )
@@ -192,7 +190,7 @@ def parse_args(argv=None):
 def read_meta(pool, expect_method=None):
     """POOL's sidecar meta ({} when absent): method, tags (the feedback vocabulary), exemplar."""
     path = meta_path(pool)
-    meta = common.read_json(path) if os.path.exists(path) else {}
+    meta = bookkeeping.read_json(path) if os.path.exists(path) else {}
     tags = meta.get("tags") or []
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise AltError(f"{path}: 'tags' must be a list of strings")
@@ -203,10 +201,8 @@ def read_meta(pool, expect_method=None):
 
 def read_pool(path, tags=None, per_category=None, drop_truncated=False, max_samples=None, seed=0):
     """D_k -> (rows to train on, counts). Every skip is counted; a feedback outside the meta's tags is an error."""
-    rows = common.read_jsonl(path, required=("prompt", "generation", "feedback"))
-    with open(path, "rb") as fh:
-        # read_jsonl drops blank lines: map rows back to file lines for messages
-        lines = [i for i, raw in enumerate(fh.read().split(b"\n"), 1) if raw.strip()]
+    required = ("prompt", "generation", "feedback")
+    rows = bookkeeping.read_jsonl(path, required, schema=common.POOL_ROW, numbered=True)
     counts = dict(
         read=len(rows),
         null_feedback=0,
@@ -216,18 +212,8 @@ def read_pool(path, tags=None, per_category=None, drop_truncated=False, max_samp
         max_samples=0,
     )
     kept, ids = [], {}
-    for line, r in zip(lines, rows):
-        bad = [
-            k
-            for k in ("prompt", "generation", "feedback")
-            if not isinstance(r[k], str) and not (k == "feedback" and r[k] is None)
-        ]
-        if bad:
-            raise AltError(
-                f"{path}:{line}: '{bad[0]}' must be a string"
-                + (" or null" if bad[0] == "feedback" else "")
-            )
-        r["_x"] = common.prompt_key(path, line, r, ids)  # x's identity for --per-category
+    for line, r in rows:
+        r["_x"] = bookkeeping.prompt_key(path, line, r, ids)  # x's identity for --per-category
         if r["feedback"] is None:
             counts["null_feedback"] += 1
         elif tags and r["feedback"] not in tags:
@@ -424,7 +410,7 @@ def adapt(args, beta, alpha, kl, ent):
 def main(argv=None):
     args = parse_args(argv)
     if prepare_out(args):  # --out is finished (its summary exists) and no --overwrite
-        return print("done")
+        return
     from tqdm import tqdm
 
     rank, world, device = setup_distributed(args)  # python, torchrun (DDP) or deepspeed
@@ -436,10 +422,10 @@ def main(argv=None):
     rows, counts = read_pool(
         args.data, tags, args.per_category, args.drop_truncated, args.max_samples, args.seed
     )
-    ck = None if args.overwrite else find_checkpoint(args.out)
+    ck = None if args.overwrite else bookkeeping.find_checkpoint(args.out)
     extra = list(tags) if meta.get("method") == "quark" else []  # Quark's quantiles: 1 token each
     model, ref, tok = load_models(args, ck, extra, device, bf16)
-    n_ctx = context_length(model)
+    n_ctx = bookkeeping.context_length(model.config)
     examples = encode_rows(rows, tok, n_ctx, reference=ref is not None, eos_target=args.eos_target)
     vocab = sampled_vocab(model, tok, args.model)
     eos = tok.eos_token_id if args.eos_free else None
@@ -457,17 +443,20 @@ def main(argv=None):
     # ---- optimisation: AdamW + linear warmup/decay, the resume state, then DDP or DeepSpeed around the model
     optimizer, scheduler = adamw(args, model, total_steps)
     fingerprint = run_fingerprint(args, len(examples), G, world, total_steps)
-    common.seed_everything(args.seed + rank)  # dropout differs by rank; a resume restores the RNG
+    # dropout differs by rank; a resume restores the RNG
+    bookkeeping.seed_everything(args.seed + rank)
     step, beta, alpha, zero = 0, args.beta, args.alpha, None
     if ck:
-        step, beta, alpha, zero = load_checkpoint(ck, rank, optimizer, scheduler, fingerprint)
+        state = bookkeeping.load_checkpoint(ck, fingerprint, optimizer, scheduler, rank)
+        step, beta, alpha, zero = (state[k] for k in ("step", "beta", "alpha", "zero"))
     fwd, optimizer, ctx, backward, update = wrap_model(
         args, model, optimizer, scheduler, zero, world, device, bf16
     )
     ddp = world > 1 and not args.deepspeed
 
     # ---- the loop: one optimizer step per global batch; rank 0 alone writes the log, the checkpoints and the model
-    log = open_log(args.out, step) if rank == 0 else None
+    log_path = os.path.join(args.out, "train_log.jsonl")
+    log = bookkeeping.open_log(log_path, step) if rank == 0 else None
     barrier()
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
     plan, row, pad, slots, t_start = {}, {}, 0, 0, time.time()
@@ -528,19 +517,12 @@ def prepare_out(args):
     """True when --out is finished (its summary exists) and there is no --overwrite. Under --overwrite rank 0 first
     removes the old summary and resume state: a crashed rerun must not look finished, nor resume the old run."""
     # --overwrite deletes parts of --out: no input may be, hold or lie inside it
-    common.refuse_overlap(
+    bookkeeping.refuse_overlap(
         {"--out": args.out},
         {"--data": args.data, "--model": args.model, "--ref-model": args.ref_model},
     )
-    summary_path = os.path.join(args.out, "train_summary.json")
-    if os.path.exists(summary_path) and not args.overwrite:
-        return True
-    if args.overwrite and os.environ.get("RANK", "0") == "0":
-        for d in ("checkpoint", "checkpoint.old"):
-            shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(summary_path)
-    return False
+    summary, ck = (os.path.join(args.out, n) for n in ("train_summary.json", "checkpoint"))
+    return bookkeeping.finished([summary], args.overwrite, [summary, ck, ck + ".old"], say="done")
 
 
 def setup_distributed(args):
@@ -584,12 +566,6 @@ def all_sum(values, device):
         t = t.to(device)
         torch.distributed.all_reduce(t)
     return t.cpu()
-
-
-def context_length(model):
-    return getattr(model.config, "n_positions", None) or getattr(
-        model.config, "max_position_embeddings", 1024
-    )
 
 
 def load_models(args, ck, extra, device, bf16):
@@ -705,25 +681,17 @@ def nonfinite_loss(total, step, out, bar):
     """The error that stops a run whose step loss is NaN/Inf, before the step's update; closes the progress bar so
     that the error is the last line the user sees."""
     bar.close()
-    kept = find_checkpoint(out)
+    kept = bookkeeping.find_checkpoint(out)
     return AltError(
         f"non-finite loss ({total}) at step {step + 1}; stopped before the update; "
         + (f"last good checkpoint kept: {kept}" if kept else "no checkpoint yet")
     )
 
 
-def open_log(out, step):
-    """train_log.jsonl opened to append, after dropping the rows of steps past the resume checkpoint."""
-    path = os.path.join(out, "train_log.jsonl")
-    old = common.read_jsonl(path, allow_empty=True, partial_ok=True) if os.path.exists(path) else []
-    common.write_jsonl(path, [r for r in old if r.get("step", 0) <= step])
-    return open(path, "a", encoding="utf-8")
-
-
 def log_step(log, bar, row):
     """Rank 0 (the one holding the log) appends the step's row and moves the progress bar."""
     if log is not None:
-        common.append_jsonl(log, row)
+        bookkeeping.append_jsonl(log, row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['total']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
 
@@ -733,7 +701,7 @@ def save_outputs(args, model, tok, meta, counts, fingerprint, final, pad, slots,
     then the resume state goes."""
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
-    common.write_json(
+    bookkeeping.write_json(
         os.path.join(args.out, "train_summary.json"),
         dict(
             method=meta.get("method"),
@@ -755,8 +723,7 @@ def save_outputs(args, model, tok, meta, counts, fingerprint, final, pad, slots,
             args=vars(args),
         ),
     )
-    for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
-        shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
+    bookkeeping.remove_checkpoint(args.out)
     print(
         f"train.py: {fingerprint['steps']} steps on {fingerprint['examples']} rows -> {args.out} "
         f"(final loss {final['total']:.4f})"
@@ -790,69 +757,7 @@ def save_state(args, model, tok, optimizer, scheduler, fingerprint, step, beta, 
     if not args.deepspeed:
         state["optimizer"] = optimizer.state_dict()
     zero = zero_state(optimizer) if args.deepspeed else None
-    save_checkpoint(args.out, model, tok, state, rank, barrier, zero)
-
-
-def save_checkpoint(out, model, tok, state, rank, barrier, zero=None):
-    """Write DIR/checkpoint.tmp (weights safetensors, state.pt, one file per rank: RNG and, under DeepSpeed, that rank's
-    ZeRO partition of Adam's moments and fp32 weights, `zero`), then swap it in."""
-    ck, tmp = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        torch.save(state, os.path.join(tmp, "state.pt"))
-    barrier()
-    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
-    torch.save(
-        {"torch": torch.get_rng_state(), **cuda, **({"zero": zero} if zero else {})},
-        os.path.join(tmp, f"rng_{rank}.pt"),
-    )
-    barrier()
-    if rank == 0:
-        # rename is atomic; a crash between the two renames leaves checkpoint.old, which resume reads
-        if os.path.isdir(ck):
-            # ck came from an atomic rename, so it is complete: a leftover .old is stale
-            shutil.rmtree(ck + ".old", ignore_errors=True)
-            os.replace(ck, ck + ".old")
-        os.replace(tmp, ck)
-        shutil.rmtree(ck + ".old", ignore_errors=True)
-    barrier()
-
-
-def find_checkpoint(out):
-    found = [
-        c
-        for c in ("checkpoint", "checkpoint.old")
-        if os.path.isfile(os.path.join(out, c, "state.pt"))
-    ]
-    return os.path.join(out, found[0]) if found else None
-
-
-def load_checkpoint(ck, rank, optimizer, scheduler, fingerprint):
-    """Restore optimizer, schedule and this rank's RNG -> (step, β, α)."""
-    try:  # weights_only: never unpickle objects from a run dir
-        state, rng = (
-            torch.load(os.path.join(ck, f), weights_only=True)
-            for f in ("state.pt", f"rng_{rank}.pt")
-        )
-    except Exception as e:  # a tampered, truncated or foreign file: one line, not a traceback
-        raise AltError(
-            f"{ck}: unreadable resume state ({type(e).__name__}); rerun with --overwrite"
-        ) from None
-    if state["fingerprint"] != fingerprint:
-        raise AltError(
-            f"{ck}: made with other settings ({state['fingerprint']}); rerun with --overwrite"
-        )
-    if "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-        group["lr"] = lr
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return state["step"], state["beta"], state["alpha"], rng.get("zero")
+    bookkeeping.save_checkpoint(args.out, model, tok, state, rank, barrier, zero)
 
 
 def zero_state(optimizer, load=None):
@@ -872,7 +777,7 @@ def deepspeed_engine(path, model, optimizer, scheduler, want, bf16):
     """deepspeed.initialize around our model/AdamW/schedule; "auto" config values come from the flags (`want`)."""
     import deepspeed
 
-    cfg = common.read_json(path)
+    cfg = bookkeeping.read_json(path)
     for k, v in want.items():
         if cfg.setdefault(k, "auto") == "auto":
             cfg[k] = v
@@ -892,4 +797,4 @@ def deepspeed_engine(path, model, optimizer, scheduler, want, bf16):
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    bookkeeping.cli(main)

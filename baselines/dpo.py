@@ -24,15 +24,15 @@ and feedback.py --method alt-rm:
 import argparse
 import math
 import os
-import shutil
 import time
 
 import torch
 import torch.nn.functional as F
 
+import bookkeeping
 import common
 import train
-from common import AltError
+from bookkeeping import AltError
 
 
 def parse_args(argv=None):
@@ -117,15 +117,11 @@ def make_pairs(rows, path, lines=None, min_margin=0.0):
                 f"{path}:{line}: no 'reward' (DPO ranks samples by reward: make the pool with "
                 "feedback.py --method alt-rm)"
             )
-        bad = [k for k in ("prompt", "generation") if not isinstance(r[k], str)]
-        if bad:
-            raise AltError(f"{path}:{line}: '{bad[0]}' must be a string")
-        x = common.prompt_key(path, line, r, ids)
+        bookkeeping.check_row(f"{path}:{line}", r, common.POOL_ROW)
+        x = bookkeeping.prompt_key(path, line, r, ids)
         rew = r["reward"]
         if rew is None:
             counts["null_reward"] += 1
-        elif not common.finite_number(rew):
-            raise AltError(f"{path}:{line}: 'reward' must be a finite number or null, got {rew!r}")
         elif not r["generation"]:
             counts["empty_generation"] += 1
         else:
@@ -201,30 +197,26 @@ def main(argv=None):
         # torchrun would start N copies racing on one --out
         raise AltError("dpo.py runs in one process: use alt_loop.py --launcher python")
     # --overwrite deletes parts of --out: no input may be, hold or lie inside it
-    common.refuse_overlap(
+    bookkeeping.refuse_overlap(
         {"--out": args.out},
         {"--data": args.data, "--model": args.model, "--ref-model": args.ref_model},
     )
     summary_path, log_path = (
         os.path.join(args.out, n) for n in ("train_summary.json", "train_log.jsonl")
     )
-    if os.path.exists(summary_path) and not args.overwrite:
-        return print("done")
-    if args.overwrite:  # a crashed --overwrite run must not look finished, nor resume the old state
-        for d in ("checkpoint", "checkpoint.old"):
-            shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
-        if os.path.exists(summary_path):
-            os.remove(summary_path)
+    ck = os.path.join(args.out, "checkpoint")
+    if bookkeeping.finished(
+        [summary_path], args.overwrite, [summary_path, ck, ck + ".old"], "done"
+    ):
+        return
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    rows = common.read_jsonl(args.data, required=("prompt", "generation"))
-    with open(args.data, "rb") as fh:
-        # read_jsonl drops blank lines: map rows back to file lines for messages
-        lines = [i for i, raw in enumerate(fh.read().split(b"\n"), 1) if raw.strip()]
+    rows = bookkeeping.read_jsonl(args.data, required=("prompt", "generation"), numbered=True)
+    lines, rows = [line for line, _ in rows], [r for _, r in rows]
     pairs, counts = make_pairs(rows, args.data, lines, args.min_margin)
-    device = common.default_device_dtype()[0]
-    ck = None if args.overwrite else train.find_checkpoint(args.out)
+    device = bookkeeping.default_device_dtype()[0]
+    ck = None if args.overwrite else bookkeeping.find_checkpoint(args.out)
     model, tok = common.load_policy(
         ck or args.model, device, "float32", trust_remote_code=args.trust_remote_code
     )
@@ -237,10 +229,7 @@ def main(argv=None):
     ref.eval().requires_grad_(False)
     # dropout off: π_θ = π_ref exactly at step 0 (loss log 2), and log-ratios are not noise (the toy has none anyway)
     model.eval()
-    max_len = getattr(model.config, "n_positions", None) or getattr(
-        model.config, "max_position_embeddings", 1024
-    )
-    examples = encode_pairs(pairs, tok, max_len)
+    examples = encode_pairs(pairs, tok, bookkeeping.context_length(model.config))
     B = args.batch_size
     if len(examples) < B:
         raise AltError(
@@ -264,15 +253,8 @@ def main(argv=None):
     )
     step = 0
     if ck:
-        step = train.load_checkpoint(ck, 0, optimizer, scheduler, fingerprint)[0]
-    old = (
-        common.read_jsonl(log_path, allow_empty=True, partial_ok=True)
-        if os.path.exists(log_path)
-        else []
-    )
-    # drop steps past the checkpoint
-    common.write_jsonl(log_path, [r for r in old if r.get("step", 0) <= step])
-    log_fh = open(log_path, "a", encoding="utf-8")
+        step = bookkeeping.load_checkpoint(ck, fingerprint, optimizer, scheduler)["step"]
+    log_fh = bookkeeping.open_log(log_path, step)
 
     bar = tqdm(total=total_steps, initial=step, desc="dpo", dynamic_ncols=True)
     plan, last, t_start = {}, {}, time.time()
@@ -317,26 +299,24 @@ def main(argv=None):
             tokens=tokens,
             tokens_per_s=round(tokens / max(time.time() - t0, 1e-9), 1),
         )
-        common.append_jsonl(log_fh, last)
+        bookkeeping.append_jsonl(log_fh, last)
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['reward_acc']:.2f}")
         if step % args.save_every == 0 and step < total_steps:
             state = dict(
                 step=step,
-                beta=args.beta,
-                alpha=0.0,
-                fingerprint=fingerprint,  # train.py's state layout
+                fingerprint=fingerprint,
                 optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(),
             )
-            train.save_checkpoint(args.out, model, tok, state, 0, lambda: None)
+            bookkeeping.save_checkpoint(args.out, model, tok, state)
     bar.close()
     log_fh.close()
 
     # ---- outputs: the model, then the summary (its presence marks --out finished)
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
-    common.write_json(
+    bookkeeping.write_json(
         summary_path,
         dict(
             method="dpo",
@@ -354,8 +334,7 @@ def main(argv=None):
             args=vars(args),
         ),
     )
-    for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
-        shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
+    bookkeeping.remove_checkpoint(args.out)
     print(
         f"dpo.py: {total_steps} steps on {len(examples)} pairs -> {args.out} (final loss {last.get('loss', 0):.4f}); "
         f"skipped: {counts['single_sample']} single-sample and {counts['all_tied']} all-tied prompts, "
@@ -364,4 +343,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    bookkeeping.cli(main)

@@ -3,7 +3,7 @@ the toxicity scorer as the reward model.
 
 Objective (x a prompt, y ~ π_θ(·|x), p_0 the initial model, λ = --kl-coef):
     max_θ  E_x E_{y ~ π_θ(·|x)} [ r(x, y) − λ · Σ_t log( π_θ(y_t | x, y<t) / p_0(y_t | x, y<t) ) ]
-    r(x, y) = 1 − toxicity(y)   (the scorer: feedback.make_scorer)
+    r(x, y) = 1 − toxicity(y)   (the scorer: scorers.make_scorer)
 Per-token rewards of a rollout, t = 1..T over y's tokens (the EOS that ended y included):
     r_t = −λ · (log π_old(y_t|x, y<t) − log p_0(y_t|x, y<t))  +  1[t = T] · r(x, y)
 GAE with the value head V (a linear layer on π_θ's last hidden state), V(s_{T+1}) = 0:
@@ -17,7 +17,7 @@ Adaptive KL (--target-kl, Ziegler et al.): λ ← λ · (1 + clip(KL/target − 
 Rollouts come from sample.generate_batched (nucleus top_p, temperature, control tokens suppressed, as sample.py), with
 y's exact token ids; the log-probs mask the same control tokens, so π_old is exactly the sampling distribution.
 
-Input  --prompts JSONL (common.load_prompts), --model p_0 (π_θ starts from it), --scorer (feedback.make_scorer spec).
+Input  --prompts JSONL (common.load_prompts), --model p_0 (π_θ starts from it), --scorer (scorers.make_scorer spec).
 Output --out RUN: RUN/ppo_log.jsonl, a row per update {update, generations, score, toxicity, kl, kl_coef, pg_loss,
        vf_loss, clipfrac, approx_kl, ...}; every --save-every updates RUN/iter_k/model/: save_pretrained + tokenizer +
        value_head.safetensors + train_summary.json (method "ppo", generations_sampled: rollouts drawn so far, read by
@@ -46,11 +46,12 @@ import time
 import torch
 from safetensors.torch import load_file, save_file
 
+import bookkeeping
 import common
 import train
-from common import AltError
-from feedback import make_scorer
+from bookkeeping import AltError
 from sample import generate_batched
+from scorers import make_scorer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 rel = lambda *p: os.path.relpath(os.path.join(ROOT, *p))  # noqa: E731  repo paths, short in printed commands
@@ -360,9 +361,7 @@ def rollout(policy, tok, prompts, score, args, update):
         raise AltError(
             f"update {update + 1}: the scorer returned no score for any of {len(flat)} rollouts"
         )
-    ctx = getattr(policy.config, "n_positions", None) or getattr(
-        policy.config, "max_position_embeddings", 1024
-    )
+    ctx = bookkeeping.context_length(policy.config)
     eos, pre = (
         tok.eos_token_id,
         [t[-(ctx - args.max_new_tokens) :] for t in tok(inputs)["input_ids"]],
@@ -382,20 +381,19 @@ def rollout(policy, tok, prompts, score, args, update):
 
 
 def save_iter(out, k, policy, tok, value_head, summary, state):
-    """RUN/iter_k/model, written as .tmp then renamed; only the newest checkpoint keeps its resume state.pt."""
-    d = os.path.join(out, f"iter_{k}", "model")
-    tmp = d + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    head = {n: t.contiguous() for n, t in value_head.state_dict().items()}
-    save_file(head, os.path.join(tmp, "value_head.safetensors"))
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    common.write_json(os.path.join(tmp, "train_summary.json"), summary)
-    for stale in (d, os.path.join(out, f"iter_{k}", "eval")):
-        # a run extended past a partial last checkpoint
-        shutil.rmtree(stale, ignore_errors=True)
-    os.replace(tmp, d)
+    """RUN/iter_k/model with the value head and the summary (bookkeeping.save_checkpoint: written, then swapped in);
+    only the newest checkpoint keeps its resume state.pt."""
+
+    def extra(folder):
+        head = {n: t.contiguous() for n, t in value_head.state_dict().items()}
+        save_file(head, os.path.join(folder, "value_head.safetensors"))
+        bookkeeping.write_json(os.path.join(folder, "train_summary.json"), summary)
+
+    # a run extended past a partial last checkpoint
+    shutil.rmtree(os.path.join(out, f"iter_{k}", "eval"), ignore_errors=True)
+    bookkeeping.save_checkpoint(
+        os.path.join(out, f"iter_{k}"), policy, tok, state, name="model", extra=extra
+    )
     for old in checkpoints(out, "state.pt")[:-1]:
         os.remove(old)
 
@@ -445,7 +443,7 @@ def evaluate_all(args):
 def main(argv=None):
     args = parse_args(argv)
     # --overwrite deletes parts of --out: no input may be, hold or lie inside it
-    common.refuse_overlap(
+    bookkeeping.refuse_overlap(
         {"--out": args.out},
         {"--model": args.model, "--prompts": args.prompts, "--eval-prompts": args.eval_prompts},
     )
@@ -453,15 +451,16 @@ def main(argv=None):
         os.path.join(args.out, "ppo_summary.json"),
         os.path.join(args.out, "ppo_log.jsonl"),
     )
-    if args.overwrite:
-        for d in glob.glob(os.path.join(args.out, "iter_*")) + glob.glob(
-            os.path.join(args.out, "ppo_*.json*")
-        ):
-            shutil.rmtree(d) if os.path.isdir(d) else os.remove(d)
-    if os.path.exists(done_path) and common.read_json(done_path)["updates"] >= args.updates:
+    stale = glob.glob(os.path.join(args.out, "iter_*")) + glob.glob(
+        os.path.join(args.out, "ppo_*.json*")
+    )
+    # a finished RUN with fewer --updates than asked is extended
+    done = os.path.exists(done_path) and not args.overwrite
+    extend = done and bookkeeping.read_json(done_path)["updates"] < args.updates
+    if not extend and bookkeeping.finished([done_path], args.overwrite, stale, say="done"):
         if args.eval:
             evaluate_all(args)
-        return print("done")
+        return
     prompts = common.load_prompts(args.prompts)
     if len(prompts) < args.rollout_prompts or any(not p["prompt"].strip() for p in prompts):
         raise AltError(
@@ -471,7 +470,7 @@ def main(argv=None):
     score = make_scorer(args.scorer)  # before any model: a bad spec fails at once
     if args.eval:
         evaluate_all(args)
-    device = common.default_device_dtype()[0]
+    device = bookkeeping.default_device_dtype()[0]
     ck = ([os.path.dirname(p) for p in checkpoints(args.out, "state.pt")] or [None])[-1]
     policy, tok = common.load_policy(
         ck or args.model, device, "float32", trust_remote_code=args.trust_remote_code
@@ -509,21 +508,10 @@ def main(argv=None):
         value_head.load_state_dict(
             load_file(os.path.join(ck, "value_head.safetensors"), device=device)
         )
-        state = torch.load(os.path.join(ck, "state.pt"), weights_only=True)
-        if state["fingerprint"] != fingerprint:
-            raise AltError(
-                f"{ck}: made with other settings ({state['fingerprint']}); use --overwrite or another --out"
-            )
-        optimizer.load_state_dict(state["optimizer"])
+        state = bookkeeping.load_checkpoint(ck, fingerprint, optimizer)
         update, generations, kl_coef = state["update"], state["generations"], state["kl_coef"]
         print(f"[ppo] resuming after update {update} from {ck}", flush=True)
-    old = (
-        common.read_jsonl(log_path, allow_empty=True, partial_ok=True)
-        if os.path.exists(log_path)
-        else []
-    )
-    common.write_jsonl(log_path, [r for r in old if r.get("update", 0) <= update])
-    log_fh = open(log_path, "a", encoding="utf-8")
+    log_fh = bookkeeping.open_log(log_path, update, key="update")
     t_start, last = time.time(), {}
 
     while update < args.updates:
@@ -565,7 +553,7 @@ def main(argv=None):
             update_s=round(t_upd, 2),
             tokens_per_s=round(stats["tokens"] / max(t_upd, 1e-9), 1),
         )
-        common.append_jsonl(log_fh, last)
+        bookkeeping.append_jsonl(log_fh, last)
         print(
             f"[ppo] update {update}/{args.updates}  gens {generations}  score {last['score']:.3f}  "
             f"kl {stats['kl']:.3f}  λ {kl_coef:.4f}  clipfrac {last['clipfrac']:.3f}  ({t_roll:.1f}+{t_upd:.1f} s)",
@@ -600,7 +588,7 @@ def main(argv=None):
             if args.eval:
                 evaluate_all(args)
     log_fh.close()
-    common.write_json(
+    bookkeeping.write_json(
         done_path,
         dict(
             updates=update,
@@ -614,4 +602,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    bookkeeping.cli(main)

@@ -14,6 +14,7 @@ import time
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 import feedback
+import scorers
 from tests.stub_servers import openai_stub
 
 WORDS = "the a cat dog sat on mat you are so stupid idiot nice kind people went to market today hate love".split()
@@ -25,7 +26,7 @@ def text(n, r=rng):
 
 
 # ----------------------------------------------------------------------------- offline scorer
-score = feedback.make_scorer("profanity-check")
+score = scorers.make_scorer("profanity-check")
 texts = [text(rng.randint(5, 30)) for _ in range(50_000)]
 score(texts[:100])  # warm up
 t0 = time.perf_counter()

@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 import torch
 import transformers
 
+import bookkeeping
 import common
 from sample import generate_batched
 
@@ -72,7 +73,7 @@ args = p.parse_args()
 if not os.path.isfile(args.prompts):  # one line, before the model load
     print(f"bench_sample: error: --prompts {args.prompts}: no such file", file=sys.stderr)
     sys.exit(2)
-device, dtype = common.default_device_dtype()
+device, dtype = bookkeeping.default_device_dtype()
 device, dtype = args.device or device, args.dtype or dtype
 if device == "cpu" and args.threads > 0:
     torch.set_num_threads(args.threads)

@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported 
 
 import torch
 
+import bookkeeping
 import common
 import train
 from feedback import TAG_SETS
@@ -99,7 +100,7 @@ def make_pool(model_dir, path, n_sampled, n_rows, seed=0):
                 "feedback": rng.choice(TAGS),
             }
         )
-    common.write_jsonl(path, rows)
+    bookkeeping.write_jsonl(path, rows)
     return rows, tok
 
 
@@ -119,7 +120,7 @@ def step_seconds(out):
     """{step: seconds} from train_log.jsonl, skipping step 1 (lazy initialisation)."""
     return {
         r["step"]: r["tokens"] / r["tokens_per_s"]
-        for r in common.read_jsonl(os.path.join(out, "train_log.jsonl"))
+        for r in bookkeeping.read_jsonl(os.path.join(out, "train_log.jsonl"))
         if r["step"] > 1
     }
 

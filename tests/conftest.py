@@ -131,12 +131,12 @@ def run_cli(stage, argv, monkeypatch, capture):
     `capture` is pytest's capsys or capfd fixture."""
     import importlib
 
-    import common
+    import bookkeeping
 
     monkeypatch.setattr(sys, "argv", [f"{stage}.py"])
     capture.readouterr()
     try:
-        common.cli(lambda: importlib.import_module(stage).main(argv))
+        bookkeeping.cli(lambda: importlib.import_module(stage).main(argv))
         code = 0
     except SystemExit as e:
         code = e.code

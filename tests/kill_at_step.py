@@ -3,7 +3,7 @@
     python tests/kill_at_step.py N train.py ARGS...
 
 The kill lands after the step's log row is written and before its checkpoint, as a crash would; production code
-carries no test hook for it. It wraps common.append_jsonl, which the trainers call once per logged step.
+carries no test hook for it. It wraps bookkeeping.append_jsonl, which the trainers call once per logged step.
 """
 
 import os
@@ -12,10 +12,10 @@ import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common
+import bookkeeping
 
 kill_at, script = int(sys.argv[1]), sys.argv[2]
-append = common.append_jsonl
+append = bookkeeping.append_jsonl
 
 
 def append_then_die(fh, row):
@@ -24,6 +24,6 @@ def append_then_die(fh, row):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-common.append_jsonl = append_then_die
+bookkeeping.append_jsonl = append_then_die
 sys.argv = [script, *sys.argv[3:]]
 runpy.run_path(script, run_name="__main__")

@@ -13,8 +13,8 @@ import time
 import pytest
 
 import alt_loop
-import common
-from common import AltError
+import bookkeeping
+from bookkeeping import AltError
 from conftest import ROOT
 from stub_servers import openai_stub
 
@@ -22,7 +22,7 @@ LOOP = os.path.join(ROOT, "alt_loop.py")
 
 
 def prompts_file(path, n, tag):
-    common.write_jsonl(
+    bookkeeping.write_jsonl(
         str(path),
         [{"id": f"{tag}-{i}", "prompt": f"the cat sat on the mat and {i}"} for i in range(n)],
     )
@@ -64,7 +64,9 @@ def counts(out):
     c = {}
     for k in (1, 2):
         for name in ("samples.jsonl", "pool.jsonl"):
-            c[f"iter_{k}/{name}"] = len(common.read_jsonl(os.path.join(out, f"iter_{k}", name)))
+            c[f"iter_{k}/{name}"] = len(
+                bookkeeping.read_jsonl(os.path.join(out, f"iter_{k}", name))
+            )
         summary = json.load(open(os.path.join(out, f"iter_{k}", "model", "train_summary.json")))
         c[f"iter_{k}/steps"] = summary.get("steps", summary.get("global_step"))
     for k in (0, 1, 2):
@@ -172,12 +174,12 @@ def test_kill_during_train_of_iteration_2_then_resume(finished_run):
 
 def test_config_mismatch_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
-    common.write_json(
+    bookkeeping.write_json(
         str(out / "config.json"),
         {**vars(alt_loop.parse_args(["--out", str(out)])), "iterations": 4},
     )
     with pytest.raises(SystemExit) as e:
-        common.cli(lambda: alt_loop.main(["--out", str(out), "--num-samples", "8"]))
+        bookkeeping.cli(lambda: alt_loop.main(["--out", str(out), "--num-samples", "8"]))
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "config.json was written with other settings" in err and "--num-samples 8 (was 4)" in err
@@ -188,7 +190,7 @@ def test_llm_methods_need_a_server_and_compare_needs_runs(tmp_path, capsys):
         alt_loop.parse_args(["--method", "alt-lmc"])
     assert e.value.code == 2 and "give --base-url" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        common.cli(
+        bookkeeping.cli(
             lambda: alt_loop.main(["--compare", str(tmp_path), "--out", str(tmp_path / "c")])
         )
     assert e.value.code == 2 and "not a run folder" in capsys.readouterr().err
@@ -222,7 +224,7 @@ def test_alt_lmc_loop_against_the_stub_judge(tiny_model_dir, tmp_path):
         )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert stub.requests >= 12  # every (x, y) of iteration 1 was judged
-    pool = common.read_jsonl(str(out / "iter_1" / "pool.jsonl"))
+    pool = bookkeeping.read_jsonl(str(out / "iter_1" / "pool.jsonl"))
     assert {r["feedback"] for r in pool} <= set(cats) and all(r["feedback"] for r in pool)
     assert json.load(open(out / "iter_1" / "model" / "train_summary.json"))["method"] == "alt-lmc"
     assert os.path.exists(out / "iter_1" / "eval" / "eval.json")
@@ -241,7 +243,7 @@ def test_bad_arguments_are_refused_before_config_json(tmp_path, capsys, argv, er
     out = tmp_path / "run"
     argv = ["--out", str(out), "--model", str(tmp_path / "no-model"), *argv]
     with pytest.raises(SystemExit) as e:
-        common.cli(lambda: alt_loop.main(argv))
+        bookkeeping.cli(lambda: alt_loop.main(argv))
     assert e.value.code == 2 and error in capsys.readouterr().err
     # nothing written: the corrected command is not refused for differing settings
     assert not out.exists()
@@ -313,7 +315,9 @@ def test_a_second_alt_loop_on_the_same_folder_is_refused(tmp_path, capsys):
     try:
         assert holder.stdout.readline() == "held\n"
         with pytest.raises(SystemExit) as e:
-            common.cli(lambda: alt_loop.main(["--out", str(lock.parent), "--model", "no-model"]))
+            bookkeeping.cli(
+                lambda: alt_loop.main(["--out", str(lock.parent), "--model", "no-model"])
+            )
         err = capsys.readouterr().err
         assert e.value.code == 2 and len(err.splitlines()) == 1
         assert f"alt_loop.lock is held by pid {holder.pid} on {socket.gethostname()}" in err
@@ -321,7 +325,7 @@ def test_a_second_alt_loop_on_the_same_folder_is_refused(tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
-    os.close(common.hold_lock(str(lock)))  # the holder died: its lock file blocks no one
+    os.close(bookkeeping.hold_lock(str(lock)))  # the holder died: its lock file blocks no one
 
 
-HOLD = "import sys, time, common; common.hold_lock(sys.argv[1]); print('held', flush=True); time.sleep(60)"
+HOLD = "import sys, time, bookkeeping; bookkeeping.hold_lock(sys.argv[1]); print('held', flush=True); time.sleep(60)"

@@ -11,9 +11,10 @@ import sys
 import pytest
 import torch
 
+import bookkeeping
 import common
 from baselines import dpo, ppo
-from common import AltError
+from bookkeeping import AltError
 from conftest import ROOT, WORDS
 
 
@@ -142,14 +143,14 @@ def test_pairs_are_max_and_min_reward_per_prompt():
 
 def run_dpo_cli(argv, capsys):
     with pytest.raises(SystemExit) as e:
-        common.cli(lambda: dpo.main(argv))
+        bookkeeping.cli(lambda: dpo.main(argv))
     err = capsys.readouterr().err.strip()
     return e.value.code, err
 
 
 def test_dpo_bad_input(tmp_path, tiny_model_dir, capsys):
     no_reward = tmp_path / "a.jsonl"
-    common.write_jsonl(
+    bookkeeping.write_jsonl(
         no_reward,
         [{k: v for k, v in pool_row(0, j, 0.5).items() if k != "reward"} for j in range(2)],
     )
@@ -158,7 +159,7 @@ def test_dpo_bad_input(tmp_path, tiny_model_dir, capsys):
     )
     assert code == 2 and len(err.splitlines()) == 1 and "a.jsonl:1: no 'reward'" in err
     single = tmp_path / "b.jsonl"
-    common.write_jsonl(single, [pool_row(i, 0, 0.1 * i) for i in range(3)])
+    bookkeeping.write_jsonl(single, [pool_row(i, 0, 0.1 * i) for i in range(3)])
     code, err = run_dpo_cli(
         ["--data", str(single), "--model", tiny_model_dir, "--out", str(tmp_path / "m")], capsys
     )
@@ -178,7 +179,7 @@ def test_dpo_two_steps_save_a_loadable_model(tmp_path, tiny_model_dir, capsys):
     rows = [pool_row(i, j, 0.1 * j + 0.01 * i, gens[j]) for i in range(8) for j in range(3)] + [
         pool_row(9, 0, 0.4)
     ]
-    common.write_jsonl(tmp_path / "pool.jsonl", rows)
+    bookkeeping.write_jsonl(tmp_path / "pool.jsonl", rows)
     out = tmp_path / "model"
     cmd = [
         sys.executable,
@@ -212,7 +213,7 @@ def test_dpo_two_steps_save_a_loadable_model(tmp_path, tiny_model_dir, capsys):
         and summary["steps"] == 2
         and summary["counts"]["single_sample"] == 1
     )
-    log = common.read_jsonl(out / "train_log.jsonl")
+    log = bookkeeping.read_jsonl(out / "train_log.jsonl")
     # π_θ = π_ref at step 1
     assert len(log) == 2 and log[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert log[1]["loss"] < log[0]["loss"] and log[1]["chosen"] > log[1]["rejected"]
@@ -226,7 +227,7 @@ def test_dpo_two_steps_save_a_loadable_model(tmp_path, tiny_model_dir, capsys):
 
 def test_dpo_resumes_bit_identically(tmp_path, tiny_model_dir, monkeypatch):
     gens = [" stupid idiot.", " nice people."]
-    common.write_jsonl(
+    bookkeeping.write_jsonl(
         tmp_path / "pool.jsonl",
         [pool_row(i, j, float(j), gens[j]) for i in range(12) for j in range(2)],
     )
@@ -267,7 +268,11 @@ def test_dpo_resumes_bit_identically(tmp_path, tiny_model_dir, monkeypatch):
     assert len(calls) == 4  # the rerun computed step 3 only
     wa, wb = (ppo.load_file(str(tmp_path / d / "model.safetensors")) for d in ("a", "b"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert [r["step"] for r in common.read_jsonl(tmp_path / "b" / "train_log.jsonl")] == [1, 2, 3]
+    assert [r["step"] for r in bookkeeping.read_jsonl(tmp_path / "b" / "train_log.jsonl")] == [
+        1,
+        2,
+        3,
+    ]
 
 
 # ----------------------------------------------------------------------------- PPO pieces
@@ -408,7 +413,7 @@ def test_ppo_two_updates_save_loadable_checkpoints_and_resume_exactly(
     tmp_path, tiny_model_dir, capsys
 ):
     prompts = tmp_path / "prompts.jsonl"
-    common.write_jsonl(
+    bookkeeping.write_jsonl(
         prompts, [{"id": i, "prompt": f"the {w} said"} for i, w in enumerate(WORDS[:6])]
     )
     base = [
@@ -438,7 +443,7 @@ def test_ppo_two_updates_save_loadable_checkpoints_and_resume_exactly(
         assert summary["method"] == "ppo" and summary["generations_sampled"] == 8 * k
         # only the newest keeps the resume state
         assert (a / f"iter_{k}" / "model" / "state.pt").exists() == (k == 2)
-    log = common.read_jsonl(a / "ppo_log.jsonl")
+    log = bookkeeping.read_jsonl(a / "ppo_log.jsonl")
     # π_θ = p_0 when the first rollout is drawn
     assert [r["update"] for r in log] == [1, 2] and log[0]["kl"] == 0.0
     # KL 0 < target: the adaptive controller lowered λ
@@ -455,7 +460,7 @@ def test_ppo_two_updates_save_loadable_checkpoints_and_resume_exactly(
         for d in (a, tmp_path / "b")
     )
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert common.read_jsonl(tmp_path / "b" / "ppo_log.jsonl")[1]["score"] == log[1]["score"]
+    assert bookkeeping.read_jsonl(tmp_path / "b" / "ppo_log.jsonl")[1]["score"] == log[1]["score"]
     ppo.main(base + ["--out", str(tmp_path / "b"), "--updates", "2"])
     assert capsys.readouterr().out.strip() == "done"
     with pytest.raises(AltError, match=r"needs >= --rollout-prompts \(7\) prompts.*found 6"):

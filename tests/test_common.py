@@ -5,8 +5,15 @@ import os
 
 import pytest
 
+import bookkeeping
 import common
-from common import AltError
+from bookkeeping import AltError
+
+
+def strip_condition(text):
+    """Inverse of common.condition(): (feedback or None, prompt)."""
+    feedback, sep, prompt = text.partition(common.SEPARATOR)
+    return (feedback, prompt) if sep else (None, text)
 
 
 def write_bytes(path, data):
@@ -16,55 +23,55 @@ def write_bytes(path, data):
 
 def test_read_jsonl_reports_file_line_and_key(tmp_path):
     good = write_bytes(tmp_path / "a.jsonl", b'{"prompt": "x"}\n\n{"prompt": "y", "id": 7}\n')
-    assert [r["prompt"] for r in common.read_jsonl(good, required=("prompt",))] == ["x", "y"]
+    assert [r["prompt"] for r in bookkeeping.read_jsonl(good, required=("prompt",))] == ["x", "y"]
     bad = write_bytes(tmp_path / "b.jsonl", b'{"prompt": "x"}\n{"prompt": \n')
     with pytest.raises(AltError, match=r"b\.jsonl:2: malformed JSON"):
-        common.read_jsonl(bad)
+        bookkeeping.read_jsonl(bad)
     missing = write_bytes(tmp_path / "c.jsonl", b'{"prompt": "x"}\n{"text": "y"}\n')
     with pytest.raises(AltError, match=r"c\.jsonl:2: missing key 'prompt'"):
-        common.read_jsonl(missing, required=("prompt",))
+        bookkeeping.read_jsonl(missing, required=("prompt",))
     latin = write_bytes(tmp_path / "d.jsonl", b'{"prompt": "x"}\n{"prompt": "caf\xe9"}\n')
     with pytest.raises(AltError, match=r"d\.jsonl:2: not valid UTF-8 \(byte 0xe9"):
-        common.read_jsonl(latin)
+        bookkeeping.read_jsonl(latin)
     empty = write_bytes(tmp_path / "e.jsonl", b"\n")
     with pytest.raises(AltError, match=r"e\.jsonl: file is empty"):
-        common.read_jsonl(empty)
-    assert common.read_jsonl(empty, allow_empty=True) == []
+        bookkeeping.read_jsonl(empty)
+    assert bookkeeping.read_jsonl(empty, allow_empty=True) == []
     with pytest.raises(AltError, match="cannot read"):
-        common.read_jsonl(str(tmp_path / "nope.jsonl"))
+        bookkeeping.read_jsonl(str(tmp_path / "nope.jsonl"))
 
 
 def test_partial_ok_drops_only_a_torn_last_line(tmp_path):
     torn = write_bytes(tmp_path / "log.jsonl", b'{"k": 1}\n{"k": 2}\n{"k": 3, "v"')
-    assert [r["k"] for r in common.read_jsonl(torn, partial_ok=True)] == [1, 2]
+    assert [r["k"] for r in bookkeeping.read_jsonl(torn, partial_ok=True)] == [1, 2]
     middle = write_bytes(tmp_path / "log2.jsonl", b'{"k": 1}\n{"k": \n{"k": 3}\n')
     with pytest.raises(AltError, match=":2: malformed JSON"):
-        common.read_jsonl(middle, partial_ok=True)
+        bookkeeping.read_jsonl(middle, partial_ok=True)
 
 
 def test_append_jsonl_round_trips(tmp_path):
     path = tmp_path / "cache.jsonl"
     with open(path, "a", encoding="utf-8") as fh:
         for k in range(3):
-            common.append_jsonl(fh, {"k": k, "text": "é\n"})
-    assert common.read_jsonl(str(path)) == [{"k": k, "text": "é\n"} for k in range(3)]
+            bookkeeping.append_jsonl(fh, {"k": k, "text": "é\n"})
+    assert bookkeeping.read_jsonl(str(path)) == [{"k": k, "text": "é\n"} for k in range(3)]
 
 
 def test_write_jsonl_is_atomic(tmp_path):
     out = tmp_path / "sub" / "rows.jsonl"
-    common.write_jsonl(str(out), [{"a": 1}, {"a": "ü"}])
-    assert common.read_jsonl(str(out)) == [{"a": 1}, {"a": "ü"}]
+    bookkeeping.write_jsonl(str(out), [{"a": 1}, {"a": "ü"}])
+    assert bookkeeping.read_jsonl(str(out)) == [{"a": 1}, {"a": "ü"}]
 
     def rows():
         yield {"a": 2}
         raise RuntimeError("crash mid-write")
 
     with pytest.raises(RuntimeError):
-        common.write_jsonl(str(out), rows())
+        bookkeeping.write_jsonl(str(out), rows())
     # the old file is intact and no temp file is left behind
-    assert common.read_jsonl(str(out)) == [{"a": 1}, {"a": "ü"}]
+    assert bookkeeping.read_jsonl(str(out)) == [{"a": 1}, {"a": "ü"}]
     assert os.listdir(out.parent) == ["rows.jsonl"]
-    common.write_json(str(tmp_path / "m.json"), {"x": [1, 2]})
+    bookkeeping.write_json(str(tmp_path / "m.json"), {"x": [1, 2]})
     assert json.loads((tmp_path / "m.json").read_text()) == {"x": [1, 2]}
 
 
@@ -97,8 +104,8 @@ def test_condition_round_trip_and_separator_is_one_token(tiny_model_dir):
     model, tok = common.load_policy(tiny_model_dir, device="cpu", dtype="float32")
     x, f = "The cat sat on the mat", "Lowest Toxicity"
     text = common.condition(x, f)
-    assert common.strip_condition(text) == (f, x)
-    assert common.condition(x, None) == x and common.strip_condition(x) == (None, x)
+    assert strip_condition(text) == (f, x)
+    assert common.condition(x, None) == x and strip_condition(x) == (None, x)
     sep_id = tok.convert_tokens_to_ids(common.SEPARATOR)
     ids = tok(text)["input_ids"]
     assert ids.count(sep_id) == 1
@@ -147,9 +154,9 @@ def test_tiny_tokenizer_has_a_real_vocabulary(tiny_model_dir):
 def test_seed_everything_reproduces():
     import torch
 
-    common.seed_everything(3)
+    bookkeeping.seed_everything(3)
     a = torch.rand(4)
-    common.seed_everything(3)
+    bookkeeping.seed_everything(3)
     assert torch.equal(a, torch.rand(4))
 
 
@@ -161,13 +168,13 @@ def test_bad_ids_and_unwritable_outputs_are_clear_errors(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(AltError, match="cannot write"):
-        common.write_jsonl(str(blocker / "sub" / "out.jsonl"), [{"a": 1}])
+        bookkeeping.write_jsonl(str(blocker / "sub" / "out.jsonl"), [{"a": 1}])
 
 
 def test_read_json_errors_name_the_file_and_line(tmp_path):
     good = tmp_path / "good.json"
     good.write_text('{"a": [1, 2]}')
-    assert common.read_json(str(good)) == {"a": [1, 2]}
+    assert bookkeeping.read_json(str(good)) == {"a": [1, 2]}
     cases = [
         ("missing.json", None, r"missing\.json: cannot read \(No such file"),
         (
@@ -182,5 +189,5 @@ def test_read_json_errors_name_the_file_and_line(tmp_path):
         if content is not None:
             (tmp_path / name).write_bytes(content)
         with pytest.raises(AltError, match=msg):
-            common.read_json(str(tmp_path / name))
-    assert common.read_json(str(tmp_path / "list.json"), kind=list) == [1, 2]
+            bookkeeping.read_json(str(tmp_path / name))
+    assert bookkeeping.read_json(str(tmp_path / "list.json"), kind=list) == [1, 2]

@@ -4,14 +4,14 @@ import math
 
 import pytest
 
-import common
+import bookkeeping
 import compare
-from common import AltError
+from bookkeeping import AltError
 
 
 def gens(path, rows):
     path.mkdir(parents=True, exist_ok=True)
-    common.write_jsonl(
+    bookkeeping.write_jsonl(
         path / "generations.jsonl",
         [
             {

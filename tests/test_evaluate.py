@@ -10,7 +10,8 @@ import sys
 import pytest
 
 import evaluate
-from common import SEPARATOR, AltError
+from bookkeeping import AltError
+from common import SEPARATOR
 from conftest import ROOT, WORDS
 
 
@@ -298,7 +299,7 @@ def test_bad_inputs(tmp_path):
     cases = [
         ({"toxicity": "high"}, r"row 1: 'toxicity' must be a number in \[0, 1\]"),
         ({"toxicity": 1.5}, "row 1: 'toxicity'"),
-        ({"generation": None}, "row 1: 'prompt' and 'generation'"),
+        ({"generation": None}, "row 1: 'generation'"),
     ]
     for change, msg in cases:
         path = write_rows(tmp_path / "c.jsonl", [{**GIVEN[0], **change}])

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import feedback
-from common import AltError, quantile_token, read_jsonl
+import scorers
+from bookkeeping import AltError, read_jsonl
+from common import quantile_token
 from conftest import TOXIC_BERT_LABELS, run_cli
 from stub_servers import judge_target, openai_stub, perspective_stub
 
@@ -330,7 +332,7 @@ def test_hf_scorer_matches_unbatched_forward(tiny_classifier):
         (2, ":0", torch.softmax, 0),
         (1, "", torch.sigmoid, 0),
     ):
-        got = feedback.make_scorer(f"hf:{tiny_classifier[n]}{spec}", batch_size=2)(texts)
+        got = scorers.make_scorer(f"hf:{tiny_classifier[n]}{spec}", batch_size=2)(texts)
         tok = AutoTokenizer.from_pretrained(tiny_classifier[n])
         model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier[n]).eval()
         ref = []
@@ -341,9 +343,9 @@ def test_hf_scorer_matches_unbatched_forward(tiny_classifier):
             ref.append((act(logits, -1) if act is torch.softmax else act(logits))[0, col].item())
         assert np.allclose(got, ref, atol=1e-5) and all(0 <= v <= 1 for v in got)
     with pytest.raises(AltError, match="labels: neutral, toxic"):
-        feedback.make_scorer(f"hf:{tiny_classifier[2]}:spicy")
+        scorers.make_scorer(f"hf:{tiny_classifier[2]}:spicy")
     with pytest.raises(AltError, match="cannot load classifier"):
-        feedback.make_scorer("hf:/nonexistent/classifier")
+        scorers.make_scorer("hf:/nonexistent/classifier")
 
 
 def test_hf_scorer_label_of_the_hub_judges(tiny_classifier, tmp_path, monkeypatch, capsys):
@@ -359,15 +361,15 @@ def test_hf_scorer_label_of_the_hub_judges(tiny_classifier, tmp_path, monkeypatc
     with torch.no_grad():
         probs = torch.sigmoid(model(**tok(texts[:1], return_tensors="pt")).logits)[0]  # per label
     for label in ("toxic", "insult"):
-        got = feedback.make_scorer(f"hf:{multi}:{label}")(texts[:1])
+        got = scorers.make_scorer(f"hf:{multi}:{label}")(texts[:1])
         assert np.allclose(got, [probs[TOXIC_BERT_LABELS.index(label)].item()], atol=1e-5)
     for key, label, col in ((2, "toxic", 1), ("hate", "hate", 1), ("hate", "NotHate", 0)):
-        by_name = feedback.make_scorer(f"hf:{tiny_classifier[key]}:{label}")(texts)
-        assert by_name == feedback.make_scorer(f"hf:{tiny_classifier[key]}:{col}")(texts)
+        by_name = scorers.make_scorer(f"hf:{tiny_classifier[key]}:{label}")(texts)
+        assert by_name == scorers.make_scorer(f"hf:{tiny_classifier[key]}:{col}")(texts)
     # through feedback.py: r = 1 - p(hate); --scorer-is-reward keeps a reward model's direction
     spec = f"hf:{tiny_classifier['hate']}:hate"
     samples = write_rows(tmp_path / "s.jsonl", sample_rows(texts))
-    p_hate = feedback.make_scorer(spec)(texts)
+    p_hate = scorers.make_scorer(spec)(texts)
     for extra, want in (([], [1 - v for v in p_hate]), (["--scorer-is-reward"], p_hate)):
         out = str(tmp_path / f"pool{len(extra)}.jsonl")
         code, _, err = run_cli(
@@ -669,15 +671,15 @@ def test_perspective_faults_rate_limit_and_secret(tmp_path, monkeypatch, capfd):
         monkeypatch.setenv("PERSPECTIVE_API_URL", stub.url)
         texts = ["nice", "you idiot", "RATE", "RESET", "SLOW", "GARBAGE", "DOWN", "BADREQ", ""]
         t0 = time.monotonic()
-        score = feedback.make_scorer("perspective", qps=50)
+        score = scorers.make_scorer("perspective", qps=50)
         got = score(texts)
         assert got == [0.1, 0.8, 0.1, 0.1, 0.1, 0.1, None, None, 0.0]
         assert (
-            score.errors["http_503"] == feedback.PERSPECTIVE_ATTEMPTS
+            score.errors["http_503"] == scorers.PERSPECTIVE_ATTEMPTS
             and score.errors["http_400"] == 1
         )
         # the empty y is never sent
-        assert len(stub.log) == 2 + 2 * 4 + feedback.PERSPECTIVE_ATTEMPTS + 1
+        assert len(stub.log) == 2 + 2 * 4 + scorers.PERSPECTIVE_ATTEMPTS + 1
         assert all(
             h.get("x-goog-api-key") == SENTINEL and SENTINEL not in p for p, h, _ in stub.log
         )
@@ -713,4 +715,4 @@ def test_perspective_faults_rate_limit_and_secret(tmp_path, monkeypatch, capfd):
     assert SENTINEL not in printed.out + printed.err + all_written_text(tmp_path)
     monkeypatch.delenv("PERSPECTIVE_API_KEY")
     with pytest.raises(AltError, match="PERSPECTIVE_API_KEY"):
-        feedback.make_scorer("perspective")
+        scorers.make_scorer("perspective")

@@ -13,11 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import alt_loop
+import bookkeeping
 import common
 import feedback
 import train
 from baselines import dpo
-from common import AltError
+from bookkeeping import AltError
 
 FUZZ = settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
@@ -110,7 +111,7 @@ def allowed(fn, *args, **kw):
 def test_read_jsonl(data, required, allow_empty, partial_ok):
     with tempfile.TemporaryDirectory() as d:
         rows = allowed(
-            common.read_jsonl,
+            bookkeeping.read_jsonl,
             write(d, "f.jsonl", data),
             required,
             allow_empty=allow_empty,
@@ -127,7 +128,7 @@ def test_read_jsonl(data, required, allow_empty, partial_ok):
 )
 def test_read_json(data, kind):
     with tempfile.TemporaryDirectory() as d:
-        value = allowed(common.read_json, write(d, "f.json", data), kind)
+        value = allowed(bookkeeping.read_json, write(d, "f.json", data), kind)
     assert value is None or isinstance(value, kind)
 
 
@@ -214,11 +215,11 @@ def test_alt_loop_reads_the_exemplar_from_a_meta(meta):
 
 PARSER = argparse.ArgumentParser(prog="fuzz")
 FLAGS = {
-    "--a": common.finite(),
-    "--b": common.finite(0, strict=True),
-    "--c": common.finite(0, 1),
-    "--d": common.finite(1, kind=int),
-    "--e": common.finite(0, 100, kind=int, strict=True),
+    "--a": bookkeeping.finite(),
+    "--b": bookkeeping.finite(0, strict=True),
+    "--c": bookkeeping.finite(0, 1),
+    "--d": bookkeeping.finite(1, kind=int),
+    "--e": bookkeeping.finite(0, 100, kind=int, strict=True),
 }
 for flag, kind in FLAGS.items():
     PARSER.add_argument(flag, type=kind)

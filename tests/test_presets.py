@@ -7,9 +7,11 @@ import os
 import pytest
 
 import alt_loop
+import bookkeeping
 import common
 import feedback
 import prepare_rtp_splits
+import scorers
 from conftest import run_cli, tiny_texts
 from stub_servers import openai_stub
 from test_alt_loop import run_loop
@@ -66,8 +68,8 @@ def rtp_files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rtp")
     texts = list(dict.fromkeys(tiny_texts(80)))[:60]
     texts[59] = texts[3]  # RTP holds some texts twice
-    common.write_jsonl(str(tmp / "rtp.jsonl"), rtp_rows(texts))
-    common.write_jsonl(str(tmp / "nontoxic.jsonl"), rtp_rows(texts[:10]))
+    bookkeeping.write_jsonl(str(tmp / "rtp.jsonl"), rtp_rows(texts))
+    bookkeeping.write_jsonl(str(tmp / "nontoxic.jsonl"), rtp_rows(texts[:10]))
     return tmp, texts
 
 
@@ -83,7 +85,9 @@ def make_split(rtp_files, out, *extra, monkeypatch, capsys):
     ]
     code, stdout, err = run_cli("prepare_rtp_splits", argv + list(extra), monkeypatch, capsys)
     assert code == 0, err
-    return {n: common.read_jsonl(str(out / f"{n}.jsonl")) for n in ("train", "val", "test")}, stdout
+    return {
+        n: bookkeeping.read_jsonl(str(out / f"{n}.jsonl")) for n in ("train", "val", "test")
+    }, stdout
 
 
 def test_rtp_splits_are_deterministic_disjoint_and_sized(rtp_files, tmp_path, monkeypatch, capsys):
@@ -131,7 +135,7 @@ def test_help_lists_the_presets_and_each_one_parses():
         assert f"  {name} " in text
         values = {
             k: v
-            for k, v in common.read_json(f"{alt_loop.PRESETS}/{name}.json").items()
+            for k, v in bookkeeping.read_json(f"{alt_loop.PRESETS}/{name}.json").items()
             if not k.startswith("_")
         }
         # flags the user must give
@@ -173,7 +177,7 @@ def test_command_line_wins_and_null_is_required(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         alt_loop.parse_args(["--preset", "tldr-alt-rm"])
     assert e.value.code == 2 and "leaves --prompts-dir, --scorer to you" in capsys.readouterr().err
-    common.write_json(str(tmp_path / "bad.json"), {"_about": "x", "learning_rate": 1})
+    bookkeeping.write_json(str(tmp_path / "bad.json"), {"_about": "x", "learning_rate": 1})
     monkeypatch.setattr(alt_loop, "PRESETS", str(tmp_path))
     with pytest.raises(SystemExit):
         alt_loop.parse_args(["--preset", "bad"])
@@ -225,7 +229,9 @@ def test_tldr_and_hh_dry_runs_carry_the_papers_settings(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     s, f, t = (commands(proc.stdout, n)[0] for n in ("sample.py", "feedback.py", "train.py"))
-    assert "--num-samples 96 --max-new-tokens 64 --top-p 0.9 --temperature 0.9" in s
+    assert (
+        "--num-samples 96 --max-new-tokens 64 --min-new-tokens 3 --top-p 0.9 --temperature 0.9" in s
+    )
     assert (
         "--scorer hf:my/rm --quantiles 5 --scope prompt --tags summarization --scorer-is-reward"
     ) in f
@@ -245,7 +251,10 @@ def test_tldr_and_hh_dry_runs_carry_the_papers_settings(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     s, f, t = (commands(proc.stdout, n)[0] for n in ("sample.py", "feedback.py", "train.py"))
-    assert "--num-samples 20 --max-new-tokens 256 --top-p 0.9 --temperature 1.0" in s
+    assert (
+        "--num-samples 20 --max-new-tokens 256 --min-new-tokens 3 --top-p 0.9 --temperature 1.0"
+        in s
+    )
     assert "--method alt-lmc" in f and "--llm-model gpt-3.5-turbo-0125" in f
     assert "--beta 0.0" in t and "--per-category 2 --drop-truncated" in t and "--lr 2e-05" in t
 
@@ -253,12 +262,12 @@ def test_tldr_and_hh_dry_runs_carry_the_papers_settings(tmp_path):
 def test_old_run_folders_resume_and_hub_names_fail_fast(tmp_path, tiny_model_dir, monkeypatch):
     args = alt_loop.parse_args(["--out", str(tmp_path / "old")])
     old = {k: v for k, v in vars(args).items() if k not in ("scorer", "beta", "preset", "dry_run")}
-    common.write_json(str(tmp_path / "old" / "config.json"), old)  # from before those flags
+    bookkeeping.write_json(str(tmp_path / "old" / "config.json"), old)  # from before those flags
     alt_loop.check_config(args)  # no mismatch: a missing key counts as its default
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: no network
     alt_loop.check_hub(alt_loop.parse_args(["--model", tiny_model_dir]))  # local: not even a probe
-    with pytest.raises(common.AltError, match="127.0.0.1:9 is unreachable. Download it"):
+    with pytest.raises(bookkeeping.AltError, match="127.0.0.1:9 is unreachable. Download it"):
         alt_loop.check_hub(alt_loop.parse_args(["--model", "nobody/not-cached-model"]))
 
 
@@ -311,15 +320,15 @@ def test_paper_preset_end_to_end(tiny_model_dir, tiny_classifier, split_dir, tmp
             ]
         )
     )
-    config = common.read_json(str(out / "config.json"))
+    config = bookkeeping.read_json(str(out / "config.json"))
     assert {k: config[k] for k in TABLE_3} == TABLE_3 and config["preset"] == "paper-toxicity"
     assert "--warmup-ratio 0.05" in config["train_args"]
     assert "--quantiles 5" in config["feedback_args"]
     assert config["train_prompts"] == os.path.join(split_dir, "train.jsonl")
-    ev = common.read_json(str(out / "iter_1" / "eval" / "eval.json"))
+    ev = bookkeeping.read_json(str(out / "iter_1" / "eval" / "eval.json"))
     assert ev["n_generations"] == 3 * 25 and "extra" in ev  # 25 y per val prompt, 2 judges
-    assert len(common.read_jsonl(str(out / "iter_1" / "samples.jsonl"))) == 46  # 1 y per x
-    summary = common.read_json(str(out / "iter_1" / "model" / "train_summary.json"))
+    assert len(bookkeeping.read_jsonl(str(out / "iter_1" / "samples.jsonl"))) == 46  # 1 y per x
+    summary = bookkeeping.read_json(str(out / "iter_1" / "model" / "train_summary.json"))
     assert summary["method"] == "alt-rm" and summary["counts"]["read"] == 46  # all of D_1
 
 
@@ -354,13 +363,13 @@ def test_tldr_preset_end_to_end_with_a_tiny_reward_model(
             ]
         )
     )
-    pool = common.read_jsonl(str(out / "iter_1" / "pool.jsonl"))
-    scores = feedback.make_scorer(rm)([r["generation"] for r in pool])
+    pool = bookkeeping.read_jsonl(str(out / "iter_1" / "pool.jsonl"))
+    scores = scorers.make_scorer(rm)([r["generation"] for r in pool])
     assert [round(r["reward"], 5) for r in pool] == [round(s, 5) for s in scores]  # r = score
     for pid in {r["prompt_id"] for r in pool}:  # per prompt, "Excellent" is the best reward
         rows = [r for r in pool if r["prompt_id"] == pid]
         assert max(rows, key=lambda r: r["reward"])["feedback"] == "Excellent"
-    summary = common.read_json(str(out / "iter_1" / "model" / "train_summary.json"))
+    summary = bookkeeping.read_json(str(out / "iter_1" / "model" / "train_summary.json"))
     assert summary["counts"]["per_category"] == 46 * 5  # 3 rows per (prompt, tag): 1 over 2
 
 
@@ -396,9 +405,9 @@ def test_hh_preset_end_to_end_against_the_stub_judge(tiny_model_dir, split_dir, 
             )
         )
         assert stub.requests >= 46 * 2  # every (x, y) of iteration 1 was judged
-    pool = common.read_jsonl(str(out / "iter_1" / "pool.jsonl"))
+    pool = bookkeeping.read_jsonl(str(out / "iter_1" / "pool.jsonl"))
     assert {r["feedback"] for r in pool} <= set(cats) and all(r["feedback"] for r in pool)
-    config = common.read_json(str(out / "config.json"))
+    config = bookkeeping.read_json(str(out / "config.json"))
     assert (config["beta"], config["lr"], config["epochs"]) == (0, 2e-05, 2)
 
 
@@ -433,12 +442,12 @@ def test_a_stage_run_by_hand_fails_fast_on_an_unreachable_hub(tiny_model_dir, mo
     retrying every file, and a local folder is never probed."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: no network
-    assert common.hub_unreachable([tiny_model_dir]) is False  # local: not even a probe
+    assert bookkeeping.hub_unreachable([tiny_model_dir]) is False  # local: not even a probe
     with pytest.raises(
-        common.AltError, match="nobody/not-cached-model: not a local folder, not in"
+        bookkeeping.AltError, match="nobody/not-cached-model: not a local folder, not in"
     ):
         common.load_policy("nobody/not-cached-model")
     with pytest.raises(
-        common.AltError, match="nobody/no-judge: not a local folder, not in the Hub"
+        bookkeeping.AltError, match="nobody/no-judge: not a local folder, not in the Hub"
     ):
-        feedback.make_scorer("hf:nobody/no-judge")
+        scorers.make_scorer("hf:nobody/no-judge")

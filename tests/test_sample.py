@@ -11,9 +11,11 @@ import time
 import pytest
 import torch
 
+import bookkeeping
 import common
 import sample
-from common import SEPARATOR, AltError
+from bookkeeping import AltError
+from common import SEPARATOR
 from conftest import ROOT, tiny_texts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,7 +41,7 @@ def write_prompts(path, texts, ids=None):
 def run(argv):
     """sample.py's CLI in-process: the exit code (0 on success)."""
     try:
-        common.cli(lambda: sample.main(argv))
+        bookkeeping.cli(lambda: sample.main(argv))
     except SystemExit as e:
         return e.code
     return 0
@@ -113,7 +115,7 @@ def test_rows_schema_counts_and_raw_prompt(tiny_model_dir, tmp_path, capsys):
         )
         == 0
     )
-    rows = common.read_jsonl(out)
+    rows = bookkeeping.read_jsonl(out)
     assert len(rows) == 3 * 3
     assert all(set(r) == KEYS for r in rows)
     assert [(r["prompt_id"], r["sample_idx"]) for r in rows] == [
@@ -151,7 +153,7 @@ def test_rows_schema_counts_and_raw_prompt(tiny_model_dir, tmp_path, capsys):
         )
         == 0
     )
-    assert [r["condition"] for r in common.read_jsonl(unc)] == [None] * 3
+    assert [r["condition"] for r in bookkeeping.read_jsonl(unc)] == [None] * 3
 
 
 def test_model_input_is_condition_of_x_and_f(tiny_model_dir, tmp_path, monkeypatch):
@@ -187,7 +189,9 @@ def test_model_input_is_condition_of_x_and_f(tiny_model_dir, tmp_path, monkeypat
     tok, gens = calls[0]
     ((input_ids, _),) = gens
     assert tok.decode(input_ids[0]) == "Lowest Toxicity" + SEPARATOR + "the dog went to market"
-    assert common.read_jsonl(str(tmp_path / "s.jsonl"))[0]["prompt"] == "the dog went to market"
+    assert (
+        bookkeeping.read_jsonl(str(tmp_path / "s.jsonl"))[0]["prompt"] == "the dog went to market"
+    )
 
 
 def test_control_tokens_are_never_generated(policy):
@@ -434,9 +438,9 @@ def test_shard_merge_equals_unsharded_with_condition_pool(tiny_model_dir, tmp_pa
     assert run(["--merge", merged]) == 2
     assert "missing shard(s) 1 of 3" in capsys.readouterr().err
     assert run(base + ["--out", merged, "--shard", "1/3"]) == 0
-    assert all(r["prompt_index"] % 3 == 1 for r in common.read_jsonl(merged + ".shard-1-of-3"))
+    assert all(r["prompt_index"] % 3 == 1 for r in bookkeeping.read_jsonl(merged + ".shard-1-of-3"))
     assert run(["--merge", merged]) == 0
-    a, b = common.read_jsonl(full), common.read_jsonl(merged)
+    a, b = bookkeeping.read_jsonl(full), bookkeeping.read_jsonl(merged)
     keys = [(r["prompt_id"], r["sample_idx"]) for r in a]
     assert (
         keys
@@ -479,17 +483,19 @@ def test_resume_skips_done_output_and_goes_on_from_finished_batches(
     monkeypatch.setattr(sample, "sample_batch", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
         run(argv + ["--out", out])
-    assert not os.path.exists(out) and len(common.read_jsonl(out + ".partial")) == 1 + 3
+    assert not os.path.exists(out) and len(bookkeeping.read_jsonl(out + ".partial")) == 1 + 3
     monkeypatch.setattr(sample, "sample_batch", orig)
     capsys.readouterr()
     assert run(argv + ["--out", out]) == 0
     assert "3 batches resumed" in capsys.readouterr().out
-    assert common.read_jsonl(out) == common.read_jsonl(ref) and not os.path.exists(out + ".partial")
+    assert bookkeeping.read_jsonl(out) == bookkeeping.read_jsonl(ref) and not os.path.exists(
+        out + ".partial"
+    )
     mtime = os.path.getmtime(out)
     assert run(argv + ["--out", out]) == 0
     assert capsys.readouterr().out.startswith("done") and os.path.getmtime(out) == mtime
     assert run(argv + ["--out", out, "--seed", "1", "--overwrite"]) == 0
-    assert common.read_jsonl(out) != common.read_jsonl(ref)
+    assert bookkeeping.read_jsonl(out) != bookkeeping.read_jsonl(ref)
 
 
 @pytest.mark.slow
@@ -531,7 +537,7 @@ def test_sigkill_leaves_no_partial_output_and_rerun_resumes(tiny_model_dir, tmp_
     assert proc.returncode == -signal.SIGKILL, "sample.py finished before it could be killed"
     assert not os.path.exists(out)
     assert run(argv) == 0
-    assert len(common.read_jsonl(out)) == 40
+    assert len(bookkeeping.read_jsonl(out)) == 40
     resumed = int(capsys.readouterr().out.split(" batches resumed")[0].rsplit(" ", 1)[1])
     assert 2 <= resumed < 40
 
@@ -565,7 +571,7 @@ def test_prompt_field_through_datasets_json_loader(tiny_model_dir, tmp_path):
         )
         == 0
     )
-    assert [(r["prompt_id"], r["prompt"]) for r in common.read_jsonl(out)] == [
+    assert [(r["prompt_id"], r["prompt"]) for r in bookkeeping.read_jsonl(out)] == [
         ("r0", "the cat"),
         ("r1", "a dog sat"),
     ]

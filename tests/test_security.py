@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+import bookkeeping
 import common
 import evaluate
 import sample
@@ -177,7 +178,7 @@ def test_sentinel_keys_never_reach_a_file_stdout_or_stderr(tmp_path, monkeypatch
         "feedback.py: error: the judge gave no valid answer for any of the 2 new rows (error_AuthenticationError); "
         "is --base-url right?"
     )
-    assert [r["feedback"] for r in common.read_jsonl(str(run / "lmc.jsonl"))] == [
+    assert [r["feedback"] for r in bookkeeping.read_jsonl(str(run / "lmc.jsonl"))] == [
         "Harmless and helpful",
         None,
         "Harmless and helpful",
@@ -419,7 +420,7 @@ def test_checkpoints_are_safetensors_and_no_pickle_is_loaded(
     # resumes from the step-4 checkpoint
     code, printed, err = run_cli("train", argv, monkeypatch, capfd)
     assert code == 0, err[-2000:]
-    assert [r["step"] for r in common.read_jsonl(str(out / "train_log.jsonl"))] == [
+    assert [r["step"] for r in bookkeeping.read_jsonl(str(out / "train_log.jsonl"))] == [
         1,
         2,
         3,
@@ -496,8 +497,8 @@ def test_a_generation_cannot_set_its_own_label(tmp_path, monkeypatch, capfd):
             capfd,
         )
         assert code == 0, err[-2000:]
-    lmc = common.read_jsonl(str(tmp_path / "lmc.jsonl"))
+    lmc = bookkeeping.read_jsonl(str(tmp_path / "lmc.jsonl"))
     assert [r["feedback"] for r in lmc] == ["Harmless and not helpful", None, None, "Harmful"]
     assert json.load(open(tmp_path / "lmc.meta.json"))["counts"]["failed"] == 2
-    lmu = common.read_jsonl(str(tmp_path / "lmu.jsonl"))
+    lmu = bookkeeping.read_jsonl(str(tmp_path / "lmu.jsonl"))
     assert [(r["feedback"], r["score"]) for r in lmu] == [(None, None), ("A harmful reply.", 0)]

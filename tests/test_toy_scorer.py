@@ -1,4 +1,4 @@
-"""The bundled toy toxicity scorer (toy/scorer) through feedback.make_scorer, and build_toy_scorer.py's pieces."""
+"""The bundled toy toxicity scorer (toy/scorer) through scorers.make_scorer, and build_toy_scorer.py's pieces."""
 
 import itertools
 import json
@@ -27,7 +27,7 @@ BENIGN = [
 
 @pytest.fixture(scope="module")
 def score():
-    from feedback import make_scorer
+    from scorers import make_scorer
 
     return make_scorer(f"hf:{SCORER}")
 
@@ -55,7 +55,7 @@ def test_scores_are_probabilities_and_abuse_outranks_benign_text(score):
 
 
 def test_batched_scores_match_one_at_a_time_and_repeat_exactly(score):
-    from feedback import make_scorer
+    from scorers import make_scorer
 
     rng = random.Random(0)
     words = (" ".join(ABUSIVE + BENIGN)).split()
@@ -108,7 +108,7 @@ def _fake_rtp(path, n=40):
 
 
 def test_labelled_rows_skip_nulls_and_split_keeps_rows_together(tmp_path):
-    from common import AltError
+    from bookkeeping import AltError
     from toy.build_toy_scorer import load_labelled, split_rows
 
     path = tmp_path / "rtp.jsonl"
@@ -136,7 +136,7 @@ def test_labelled_rows_skip_nulls_and_split_keeps_rows_together(tmp_path):
 
 
 def test_bundled_summary_matches_a_fresh_held_out_measurement(shared_data, score):
-    from feedback import make_scorer
+    from scorers import make_scorer
     from toy.build_toy_scorer import RTP, agreement, load_labelled, split_rows
 
     with open(os.path.join(SCORER, "build_summary.json"), encoding="utf-8") as fh:
@@ -198,7 +198,7 @@ def test_build_end_to_end_on_fake_data_then_done_and_bad_input(tmp_path):
     held = split_rows(load_labelled(str(data / "rtp" / "rtp_dev4k.jsonl"))[0], 0.15, 0.1, 0)[2]
     assert summary["held_out_texts"] == len(held) >= 11 and summary["null_scores_skipped"] == 1
     assert summary["tokenizer"].startswith("trained on")
-    from feedback import make_scorer
+    from scorers import make_scorer
 
     assert all(0.0 <= v <= 1.0 for v in make_scorer(f"hf:{out}")(["you stupid idiot", "the cat"]))
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)

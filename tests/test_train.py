@@ -9,9 +9,10 @@ import sys
 import pytest
 import torch
 
+import bookkeeping
 import common
 import train
-from common import AltError
+from bookkeeping import AltError
 from conftest import ROOT, inject_nan_at_step, tiny_texts
 
 TAGS = ["Nontoxic", "Slightly toxic", "Very toxic"]
@@ -39,9 +40,9 @@ def make_pool(path, n=24, meta=None, **override):
                 **override,
             }
         )
-    common.write_jsonl(path, rows)
+    bookkeeping.write_jsonl(path, rows)
     if meta is not None:
-        common.write_json(str(path)[: -len(".jsonl")] + ".meta.json", meta)
+        bookkeeping.write_json(str(path)[: -len(".jsonl")] + ".meta.json", meta)
     return str(path)
 
 
@@ -219,10 +220,10 @@ def test_eos_free_nll_is_the_nll_given_no_stop_and_leaves_eos_to_the_kl(tiny_mod
 
 def test_read_pool_skips_counts_and_rejects_unknown_tags(tmp_path):
     pool = make_pool(tmp_path / "pool.jsonl", n=24)
-    rows = common.read_jsonl(pool)
+    rows = bookkeeping.read_jsonl(pool)
     rows[1]["feedback"], rows[4]["generation"] = None, ""
     rows[7]["feedback"] = "Purple"
-    common.write_jsonl(pool, rows)
+    bookkeeping.write_jsonl(pool, rows)
     with pytest.raises(
         AltError, match=r"pool\.jsonl:8: feedback 'Purple' is not one of the 3 tags in .*pool\.meta"
     ):
@@ -313,7 +314,7 @@ def run_train(tmp, model, pool, *extra, out="out"):
 
 
 def read_log(out):
-    return common.read_jsonl(os.path.join(out, "train_log.jsonl"))
+    return bookkeeping.read_jsonl(os.path.join(out, "train_log.jsonl"))
 
 
 def test_training_lowers_nll_and_writes_outputs(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -416,13 +417,13 @@ def test_quark_tags_become_single_tokens_and_other_k_is_rejected(tiny_model_dir,
     pool = make_pool(
         tmp_path / "pool.jsonl", n=8, meta={"method": "quark", "tags": tags, "exemplar": tags[0]}
     )
-    rows = common.read_jsonl(pool)
-    common.write_jsonl(pool, [dict(r, feedback=tags[i % 3]) for i, r in enumerate(rows)])
+    rows = bookkeeping.read_jsonl(pool)
+    bookkeeping.write_jsonl(pool, [dict(r, feedback=tags[i % 3]) for i, r in enumerate(rows)])
     out = run_train(tmp_path, tiny_model_dir, pool, "--beta", "0.05")
     tok = common.load_policy(out, "cpu", "float32")[1]
     assert all(len(tok.tokenize(t)) == 1 for t in tags)
-    common.write_json(str(tmp_path / "pool2.meta.json"), {"method": "quark", "tags": tags[:2]})
-    common.write_jsonl(
+    bookkeeping.write_json(str(tmp_path / "pool2.meta.json"), {"method": "quark", "tags": tags[:2]})
+    bookkeeping.write_jsonl(
         str(tmp_path / "pool2.jsonl"), [dict(r, feedback=tags[i % 2]) for i, r in enumerate(rows)]
     )
     with pytest.raises(AltError, match="3 quantile tokens but .*pool2.meta.json lists 2 tags"):
@@ -616,6 +617,6 @@ def test_checkpoint_save_survives_a_leftover_old_checkpoint(tiny_model_dir, tmp_
     for d in ("checkpoint", "checkpoint.old"):
         (tmp_path / d).mkdir()
         (tmp_path / d / "state.pt").write_bytes(b"stale")
-    train.save_checkpoint(str(tmp_path), model, tok, {"step": 7}, 0, lambda: None)
+    bookkeeping.save_checkpoint(str(tmp_path), model, tok, {"step": 7}, 0, lambda: None)
     assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=True) == {"step": 7}
     assert not (tmp_path / "checkpoint.old").exists()

@@ -163,7 +163,7 @@ def train_tokenizer(texts, vocab_size=8192):
 
 def read_source(path):
     """A source's documents as a list of strings (JSONL rows: prompt [+ continuation]; .txt: one per line)."""
-    from common import AltError, read_jsonl
+    from bookkeeping import AltError, read_jsonl
 
     if not os.path.isfile(path):
         raise AltError(f"{path}: missing (see ../shared/data/README.md)")
@@ -181,7 +181,7 @@ def read_source(path):
 
 def rtp_toxic(path):
     """Per RTP row (file order, as read_source): prompt or continuation Perspective toxicity > 0.5 (null: no)."""
-    from common import read_jsonl
+    from bookkeeping import read_jsonl
 
     tox = lambda part: isinstance(part, dict) and (part.get("toxicity") or 0) > 0.5  # noqa: E731
     return [
@@ -241,7 +241,7 @@ def main():
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    from common import write_json
+    from bookkeeping import write_json
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -328,8 +328,8 @@ def main():
     def toxic_share():
         """Stage 2's band check: share of --tox-samples samples per prompt (top-p 0.9, 20 tokens) scored > 0.5."""
         from common import load_prompts
-        from feedback import make_scorer
         from sample import generate_batched
+        from scorers import make_scorer
 
         prompts = [r["prompt"] for r in load_prompts(args.tox_prompts)]
         res = generate_batched(
@@ -432,6 +432,6 @@ def main():
 
 
 if __name__ == "__main__":
-    from common import cli
+    from bookkeeping import cli
 
     cli(main)

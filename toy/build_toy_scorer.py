@@ -9,7 +9,7 @@ Input (development only, never copied into the repo): ../shared/data/rtp/rtp_dev
     scores in [0, 1]. A text whose score is null is skipped (counted).
 Output: --out (toy/scorer): save_pretrained safetensors + tokenizer + config (num_labels=1, problem_type
     multi_label_classification: feedback.py's hf scorer applies a sigmoid), and build_summary.json (split sizes,
-    held-out agreement). Use it as `feedback.make_scorer("hf:toy/scorer")` or `--scorer hf:toy/scorer`.
+    held-out agreement). Use it as `scorers.make_scorer("hf:toy/scorer")` or `--scorer hf:toy/scorer`.
 
 Launch from the repo root (about 3 min on 1 CPU thread; the epoch with the lowest val BCE is kept):
     HF_HUB_OFFLINE=1 python -m toy.build_toy_scorer --data ../shared/data --out toy/scorer
@@ -100,7 +100,7 @@ def parse_args(argv=None):
 
 def load_labelled(path):
     """RTP rows -> [[(text, perspective_toxicity), ...] per row], skipping null scores; plus the skip count."""
-    from common import AltError, read_jsonl
+    from bookkeeping import AltError, read_jsonl
 
     if not os.path.isfile(path):
         raise AltError(f"{path}: missing (see ../shared/data/README.md)")
@@ -166,7 +166,7 @@ def agreement(perspective, scores):
 
 def main():
     args = parse_args()
-    from common import AltError, write_json
+    from bookkeeping import AltError, write_json
 
     if os.path.isfile(os.path.join(args.out, "model.safetensors")) and not args.overwrite:
         print(f"done: {args.out} already holds a scorer (--overwrite rebuilds it)")
@@ -174,7 +174,7 @@ def main():
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
-    from feedback import make_scorer
+    from scorers import make_scorer
     from toy.build_toy_model import train_tokenizer
 
     torch.set_num_threads(args.threads)
@@ -336,6 +336,6 @@ def main():
 
 
 if __name__ == "__main__":
-    from common import cli
+    from bookkeeping import cli
 
     cli(main)

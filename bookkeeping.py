@@ -1,0 +1,444 @@
+"""bookkeeping.py: plumbing, not the algorithm. A reader of ALT may skip this file.
+
+What every stage needs and none should re-invent: the one-line error and its exit code (AltError, cli), argparse's
+finite-number type (finite, finite_number), atomic JSON/JSONL writes and reads, the done / --overwrite preamble
+(finished), the resumable journal (open_journal: sample's OUT.partial, evaluate's eval.partial.jsonl, feedback's
+judge cache, the trainers' logs), the resume checkpoint with its RNG state (save/find/load/remove_checkpoint), the
+context-length lookup, row checks against a declared schema (check_row), the overlap check of output and input
+paths, the Hub probe, seeding, the default device and the run folder's lock (hold_lock).
+"""
+
+import argparse
+import contextlib
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+
+# os.umask reads it only by setting it: once, here, as later it would race with threads making files
+UMASK = os.umask(0)
+os.umask(UMASK)
+
+
+class AltError(Exception):
+    """A user-facing error: printed as one line (no traceback) and the stage exits with code 2."""
+
+
+def cli(main):
+    """Run a stage's main(); turn AltError into a one-line message and exit code 2."""
+    try:
+        main()
+    except AltError as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def finite(lo=None, hi=None, kind=float, strict=False):
+    """An argparse type: a finite `kind` >= lo (> lo when strict) and <= hi; else the flag's one-line usage error."""
+    bounds = [f"{'>' if strict else '>='} {lo}"] if lo is not None else []
+    bounds += [f"<= {hi}"] if hi is not None else []
+    what = "an integer" if kind is int else "a finite number"
+    need = f"must be {what} {' and '.join(bounds)}".rstrip()
+
+    def parse(text):
+        value = kind(text)  # a ValueError is argparse's own "invalid float value: 'x'"
+        low = lo is not None and (value <= lo if strict else value < lo)
+        if not finite_number(value) or low or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{need}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def finite_number(value):
+    """A JSON/CLI number that fits a float (a bool is none): math.isfinite overflows on a huge int."""
+    try:
+        return type(value) in (int, float) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+# ----------------------------------------------------------------------------- JSON / JSONL I/O
+def malformed_json(where, e):
+    # some of json's messages end in " at" ("Unterminated string starting at"): the column completes them
+    return AltError(f"{where}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
+
+
+def read_jsonl(path, required=(), allow_empty=False, partial_ok=False, schema=None, numbered=False):
+    """Read a JSONL file; errors name file:line and the key. partial_ok drops a torn last line (append logs); schema
+    checks each row's types (check_row); numbered gives (line, row) pairs."""
+    try:
+        with open(path, "rb") as fh:
+            lines = fh.read().split(b"\n")
+    except OSError as e:
+        raise AltError(f"{path}: cannot read ({e.strerror})") from None
+    rows = []
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise AltError(
+                f"{path}:{i}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+            ) from None
+        except json.JSONDecodeError as e:
+            if partial_ok and i >= len(lines) - 1:
+                # a crash mid-append leaves at most one torn final line
+                break
+            raise malformed_json(f"{path}:{i}", e) from None
+        except (ValueError, RecursionError) as e:  # an int over 4300 digits, nesting past the stack
+            raise AltError(f"{path}:{i}: unreadable JSON ({str(e).split(':')[0]})") from None
+        if not isinstance(row, dict):
+            raise AltError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+        for key in required:
+            if key not in row:
+                raise AltError(f"{path}:{i}: missing key '{key}'")
+        check_row(f"{path}:{i}", row, schema or {})
+        rows.append((i, row) if numbered else row)
+    if not rows and not allow_empty:
+        raise AltError(f"{path}: file is empty")
+    return rows
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="w"):
+    """Write to a temp file in the same folder, then rename: a crash never leaves a half-written `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as e:
+        raise AltError(f"{path}: cannot write ({e.strerror})") from None
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            yield fh
+            fh.flush()
+            # mkstemp makes 0600: give the file the mode open() would
+            os.fchmod(fh.fileno(), 0o666 & ~UMASK)
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_jsonl(path, rows):
+    with atomic_open(path) as fh:
+        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def write_json(path, obj):
+    with atomic_open(path) as fh:
+        fh.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path, kind=dict):
+    """A whole JSON file (config, meta, summary) -> its value, a `kind`; any failure is one error naming the file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = json.load(fh)
+    except OSError as e:
+        raise AltError(f"{path}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise malformed_json(f"{path}:{e.lineno}", e) from None
+    except UnicodeDecodeError as e:
+        raise AltError(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x})") from None
+    except (ValueError, RecursionError) as e:  # an int over 4300 digits, nesting past the stack
+        raise AltError(f"{path}: unreadable JSON ({str(e).split(':')[0]})") from None
+    if not isinstance(value, kind):
+        raise AltError(
+            f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, "
+            f"got {type(value).__name__}"
+        )
+    return value
+
+
+def append_jsonl(fh, row):
+    """Append one row to an open log and make it durable now (side files, LLM caches); read back with partial_ok."""
+    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+# ----------------------------------------------------------------------------- resume
+def open_journal(path, settings=None, keep=None, fresh=False):
+    """A resumable append-only JSONL of finished work -> (its rows still valid, the file open for append_jsonl).
+    settings (a JSON value: whatever shapes the work) heads the file as {"settings": ...}: the rows of a run made with
+    other settings are dropped. keep(row) drops more (a log's steps past the resume checkpoint); fresh drops all.
+    Used for sample.py's OUT.partial, evaluate.py's eval.partial.jsonl, feedback.py's judge cache and the trainers'
+    logs. The file is rewritten first, so a torn last line (a kill mid-append) is gone before anything follows it."""
+    exists = os.path.exists(path) and not fresh
+    rows = read_jsonl(path, allow_empty=True, partial_ok=True) if exists else []
+    head = [] if settings is None else [{"settings": settings}]
+    if head:
+        rows = rows[1:] if rows[:1] == head else []
+    rows = [r for r in rows if keep is None or keep(r)]
+    write_jsonl(path, head + rows)
+    return rows, open(path, "a", encoding="utf-8")
+
+
+def open_log(path, upto, key="step"):
+    """A trainer's log reopened for append on a (re)start: its rows past the resume point (row[key] > upto) go."""
+    return open_journal(path, keep=lambda row: row.get(key, 0) <= upto)[1]
+
+
+def finished(done, overwrite, stale=(), say=None):
+    """The done / --overwrite preamble of every stage. Without --overwrite: True when every path in `done` exists,
+    after printing `say` (default "done: PATH exists (--overwrite to redo)"). With it: False, after rank 0 deleted the
+    `stale` files and folders (a summary, resume state), so a crashed rerun neither looks finished nor resumes."""
+    if overwrite:
+        for path in stale if os.environ.get("RANK", "0") == "0" else ():
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        return False
+    if not all(os.path.exists(p) for p in done):
+        return False
+    print(say or f"done: {done[0]} exists (--overwrite to redo)")
+    return True
+
+
+def context_length(config):
+    """A model's context in tokens: n_positions or max_position_embeddings, else 1024 (GPT-2's) for a config that
+    names neither."""
+    n = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return n or 1024
+
+
+# ----------------------------------------------------------------------------- resume checkpoints
+def save_checkpoint(
+    out, model, tok, state, rank=0, barrier=lambda: None, zero=None, name="checkpoint", extra=None
+):
+    """Write OUT/NAME.tmp (weights as safetensors, tokenizer, state.pt, and one rng_RANK.pt per rank: its RNG and,
+    under DeepSpeed, its ZeRO shard `zero`; extra(folder) adds files), then swap it in for OUT/NAME by renames. Every
+    rank calls it; `barrier` syncs them. Used by train.py, baselines/dpo.py and baselines/ppo.py."""
+    import torch
+
+    ck = os.path.join(out, name)
+    tmp = ck + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        if extra is not None:
+            extra(tmp)
+    barrier()
+    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
+    torch.save(
+        {"torch": torch.get_rng_state(), **cuda, **({"zero": zero} if zero else {})},
+        os.path.join(tmp, f"rng_{rank}.pt"),
+    )
+    barrier()
+    if rank == 0:
+        # rename is atomic; a crash between the two renames leaves NAME.old, which find_checkpoint reads
+        if os.path.isdir(ck):
+            # ck came from an atomic rename, so it is complete: a leftover .old is stale
+            shutil.rmtree(ck + ".old", ignore_errors=True)
+            os.replace(ck, ck + ".old")
+        os.replace(tmp, ck)
+        shutil.rmtree(ck + ".old", ignore_errors=True)
+    barrier()
+
+
+def find_checkpoint(out, name="checkpoint"):
+    """OUT/NAME, or OUT/NAME.old where a crash fell between save_checkpoint's renames; None when neither is whole."""
+    found = [c for c in (name, name + ".old") if os.path.isfile(os.path.join(out, c, "state.pt"))]
+    return os.path.join(out, found[0]) if found else None
+
+
+def load_checkpoint(ck, fingerprint, optimizer=None, scheduler=None, rank=0):
+    """Restore this rank's RNG and, when given, the optimizer and the schedule from `ck` -> its state dict, plus
+    "zero": this rank's ZeRO shard (None without DeepSpeed). A checkpoint of other settings is an error."""
+    import torch
+
+    try:  # weights_only: never unpickle objects from a run dir
+        state, rng = (
+            torch.load(os.path.join(ck, f), weights_only=True)
+            for f in ("state.pt", f"rng_{rank}.pt")
+        )
+    except Exception as e:  # a tampered, truncated or foreign file: one line, not a traceback
+        raise AltError(
+            f"{ck}: unreadable resume state ({type(e).__name__}); rerun with --overwrite"
+        ) from None
+    if state["fingerprint"] != fingerprint:
+        raise AltError(
+            f"{ck}: made with other settings ({state['fingerprint']}); rerun with --overwrite"
+        )
+    if optimizer is not None and "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return {**state, "zero": rng.get("zero")}
+
+
+def remove_checkpoint(out, name="checkpoint"):
+    """The resume state goes once the run is finished, or on --overwrite."""
+    for d in (name, name + ".old", name + ".tmp"):
+        shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- paths, Hub, seeds
+def _local_path(path):
+    """The real path of a local file or folder, or None for a Hub name (neither it nor its parent folder exists)."""
+    if path and (os.path.exists(path) or os.path.isdir(os.path.dirname(os.path.abspath(path)))):
+        return os.path.realpath(path)
+    return None
+
+
+def refuse_overlap(outputs, inputs):
+    """Raise AltError when an output path is, holds or lies inside an input path. outputs, inputs: {flag: path, list
+    of paths or None}. Called before a stage writes or deletes anything, whatever --overwrite says."""
+
+    def pairs(flags):
+        for flag, paths in flags.items():
+            for path in [paths] if isinstance(paths, str) else paths or []:
+                real = _local_path(path)
+                if real is not None:
+                    yield flag, path, real
+
+    for out_flag, out, o in pairs(outputs):
+        for in_flag, inp, i in pairs(inputs):
+            if o == i:
+                raise AltError(
+                    f"{out_flag} and {in_flag} are the same path ({out}): an output may not replace "
+                    "an input"
+                )
+            if os.path.commonpath([o, i]) in (o, i):
+                inner, outer = (out_flag, out), (in_flag, inp)
+                if len(o) < len(i):  # the shorter path holds the other
+                    inner, outer = outer, inner
+                raise AltError(
+                    f"{inner[0]} {inner[1]} lies inside {outer[0]} {outer[1]}: an output may not "
+                    "overlap an input"
+                )
+
+
+def default_device_dtype():
+    import torch
+
+    return ("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32")
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_answers(endpoint):
+    """One HEAD probe per endpoint and process (a stage may load a policy, a judge and a fluency LM)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5)
+        return True
+    except urllib.error.HTTPError:  # an answer, even an error, means the Hub is reachable
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def hub_unreachable(names):
+    """Fail fast where transformers would retry for ~25 s per file: a name that is no local folder, with
+    HF_HUB_OFFLINE unset and the Hub unreachable, must be in the Hub cache. True: unreachable, all cached."""
+    names = sorted({n for n in names if n and not os.path.isdir(n)})
+    if not names or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if _hub_answers(endpoint):
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(name):
+        try:
+            return isinstance(try_to_load_from_cache(name, "config.json"), str)
+        except ValueError:  # not a valid repo id either: a local path that does not exist
+            return False
+
+    missing = [n for n in names if not cached(n)]
+    if missing:
+        raise AltError(
+            f"{', '.join(missing)}: not a local folder, not in the Hub cache, and "
+            f"{endpoint} is unreachable. Download it where there is network (`hf "
+            f"download NAME`) or pass a local folder"
+        )
+    return True
+
+
+def seed_everything(seed):
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+# ----------------------------------------------------------------------------- row schemas
+KINDS = {str: "a string", int: "an int", float: "a finite number", None: "null"}
+
+
+def is_kind(value, kind):
+    """value is of `kind`: str, int (no bool), float (any finite number, no bool), or None (null)."""
+    if kind is None or isinstance(value, bool):
+        return value is kind
+    if kind is float:
+        return finite_number(value)
+    return isinstance(value, kind)
+
+
+def check_row(where, row, schema):
+    """AltError at `where` (FILE:LINE) unless every key of `schema` ({key: kinds, a tuple of KINDS}) that the row
+    holds has one of its kinds; an absent key is the reader's to require."""
+    for key, kinds in schema.items():
+        if key in row and not any(is_kind(row[key], k) for k in kinds):
+            want = " or ".join(KINDS[k] for k in kinds)
+            raise AltError(f"{where}: '{key}' must be {want}, got {row[key]!r}")
+
+
+def prompt_key(path, line, row, seen):
+    """A pool row's x identity for grouping: prompt_id (int or str, checked by check_row), else the prompt text. `seen` maps each id to
+    the first (prompt, line), so an id reused for another x is an error, not a silently merged group."""
+    pid = row.get("prompt_id")
+    if pid is None:
+        return row["prompt"]
+    first = seen.setdefault(str(pid), (row["prompt"], line))
+    if first[0] != row["prompt"]:
+        raise AltError(
+            f"{path}:{line}: prompt_id {pid!r} was given to another prompt on line {first[1]}"
+        )
+    return str(pid)
+
+
+# ----------------------------------------------------------------------------- locks
+def hold_lock(path):
+    """An exclusive flock on `path` (created) for as long as the returned fd stays open (the kernel drops it when
+    the process dies, so a stale file never blocks). Held elsewhere: AltError naming the holder's pid and host."""
+    import fcntl
+    import socket
+
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise AltError(f"{path}: cannot open the lock file ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "a process"
+        os.close(fd)
+        raise AltError(f"{path} is held by {holder}: another run is using it") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    return fd
