@@ -141,10 +141,10 @@ def build_parser():
     )
     a(
         "--min-new-tokens",
-        type=int,
-        default=3,
-        help="EOS is blocked for the first N tokens, sampling and evaluation (official "
-        "toxicity sampler: 3; = --max-new-tokens: fixed-length y, so no cut can be a length cut)",
+        type=finite(0, kind=int),
+        default=20,
+        help="EOS blocked for the first N tokens when sampling and evaluating (official "
+        "toxicity sampler: 3; toy: 20 = --max-new-tokens, fixed-length y, so no cut is a length cut)",
     )
     a(
         "--temperature",

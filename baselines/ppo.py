@@ -90,6 +90,12 @@ def parse_args(argv=None):
         help="y per prompt per rollout batch (as sample.py / alt_loop)",
     )
     a("--max-new-tokens", type=int, default=20, help="rollout length (paper: 20)")
+    a(
+        "--min-new-tokens",
+        type=bookkeeping.finite(0, kind=int),
+        default=3,
+        help="EOS blocked for the first N tokens (official sampler: 3; = --max-new-tokens: fixed length)",
+    )
     a("--top-p", type=float, default=1.0, help="rollout nucleus p (paper's training samples: 1.0)")
     a("--temperature", type=float, default=1.0, help="rollout temperature (paper: 1.0)")
     a(
@@ -352,6 +358,7 @@ def rollout(policy, tok, prompts, score, args, update):
         seed=args.seed * 1_000_003 + update,
         progress=False,
         return_ids=True,
+        min_new_tokens=min(args.min_new_tokens, args.max_new_tokens),
     )
     flat = [(i, y) for i, ys in enumerate(outs) for y in ys]
     tox = score([y["generation"] for _, y in flat])

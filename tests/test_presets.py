@@ -422,6 +422,11 @@ def test_toy_defaults_train_and_evaluate_on_different_judges(tmp_path):
     assert "--scorer hf:" in fb and fb.split("--scorer hf:")[1].split()[0].endswith("toy/scorer")
     assert "--scorer profanity-check" in ev and "--extra-scorer hf:" in ev
     assert "--alpha 0.0" in train and "--eos-target" not in train
+    sample = commands(proc.stdout, "sample.py")[0]
+    # fixed-length y in sampling and evaluation; the paper's preset keeps the official 3
+    assert "--max-new-tokens 20 --min-new-tokens 20" in sample and "--min-new-tokens 20" in ev
+    paper = run_loop(["--dry-run", "--preset", "paper-toxicity"], cwd=tmp_path)
+    assert "--min-new-tokens 3" in commands(paper.stdout, "sample.py")[0]
     on = commands(run_loop(["--dry-run", "--eos-target"], cwd=tmp_path).stdout, "train.py")[0]
     dpo = commands(
         run_loop(["--dry-run", "--eos-target", "--method", "dpo"], cwd=tmp_path).stdout,
