@@ -408,17 +408,17 @@ def check_row(where, row, schema):
 
 
 def prompt_key(path, line, row, seen):
-    """A pool row's x identity for grouping: prompt_id (int or str, checked by check_row), else the prompt text. `seen` maps each id to
-    the first (prompt, line), so an id reused for another x is an error, not a silently merged group."""
+    """A pool row's x identity for grouping: ("id", str(prompt_id)), else ("x", the prompt text), so that an id
+    never meets a text. `seen` maps each id to the first (prompt, line): an id reused for another x is an error."""
     pid = row.get("prompt_id")
     if pid is None:
-        return row["prompt"]
+        return ("x", row["prompt"])
     first = seen.setdefault(str(pid), (row["prompt"], line))
     if first[0] != row["prompt"]:
         raise AltError(
             f"{path}:{line}: prompt_id {pid!r} was given to another prompt on line {first[1]}"
         )
-    return str(pid)
+    return ("id", str(pid))
 
 
 # ----------------------------------------------------------------------------- locks

@@ -191,3 +191,13 @@ def test_read_json_errors_name_the_file_and_line(tmp_path):
         with pytest.raises(AltError, match=msg):
             bookkeeping.read_json(str(tmp_path / name))
     assert bookkeeping.read_json(str(tmp_path / "list.json"), kind=list) == [1, 2]
+
+
+def test_prompt_key_never_mixes_an_id_with_a_text():
+    """A row whose prompt is "1" (no id) and a row with prompt_id 1 are two prompts, not one group."""
+    seen = {}
+    by_text = bookkeeping.prompt_key("p.jsonl", 1, {"prompt": "1", "prompt_id": None}, seen)
+    by_id = bookkeeping.prompt_key("p.jsonl", 2, {"prompt": "other", "prompt_id": 1}, seen)
+    assert by_text != by_id
+    again = bookkeeping.prompt_key("p.jsonl", 3, {"prompt": "other", "prompt_id": "1"}, seen)
+    assert again == by_id  # an id is the same x whether written 1 or "1"
