@@ -189,21 +189,75 @@ def open_log(path, upto, key="step"):
     return open_journal(path, keep=lambda row: row.get(key, 0) <= upto)[1]
 
 
-def finished(done, overwrite, stale=(), say=None):
-    """The done / --overwrite preamble of every stage. Without --overwrite: True when every path in `done` exists,
-    after printing `say` (default "done: PATH exists (--overwrite to redo)"). With it: False, after rank 0 deleted the
-    `stale` files and folders (a summary, resume state), so a crashed rerun neither looks finished nor resumes."""
-    if overwrite:
-        for path in stale if os.environ.get("RANK", "0") == "0" else ():
+# flags that change how a stage runs or what it prints, never what it writes
+NOT_SETTINGS = ("out", "overwrite", "no_progress", "baseline", "local_rank", "qps", "concurrency")
+
+
+def finished(stage, out, args, done=None, stale=(), say=None):
+    """The done / --overwrite preamble of every stage -> True when `out` is finished. `done`: the paths whose presence
+    marks it finished (default [out]: a file; else `out` is a folder). `args`: the stage's argparse Namespace (or a
+    dict): its `overwrite`, and its settings (less NOT_SETTINGS), which OUT.stage.json beside a file (OUT/stage.json
+    in a folder) records with `stage` from the start, so that "done" is said only for this stage's finished output
+    under the same settings (after printing `say`, default "done: PATH exists (--overwrite to redo)"), a partial run
+    of this stage resumes, and any other file or folder at `out` is an error. Writing the record first also fails a
+    read-only or full output folder before any work. With --overwrite: rank 0 deletes the `stale` files and folders
+    (a summary) and a folder's resume checkpoint first."""
+    settings = args if isinstance(args, dict) else vars(args)
+    done, rank0 = done or [out], os.environ.get("RANK", "0") == "0"
+    file = out in done  # else a folder, holding its markers
+    side = out + ".stage.json" if file else os.path.join(out, "stage.json")
+    for path in done if file else [out]:
+        if os.path.exists(path) and os.path.isdir(path) == file:
+            kinds = ("a folder", "a file")[:: 1 if file else -1]
+            raise AltError(f"{path} is {kinds[0]}; {stage} writes {kinds[1]} there")
+    norm = {  # a path means the same from any working folder
+        k: os.path.realpath(v) if isinstance(v, str) and os.path.exists(v) else v
+        for k, v in settings.items()
+        if k not in NOT_SETTINGS
+    }
+    record = json.loads(json.dumps({"stage": stage, "settings": norm}, default=str))
+    if settings["overwrite"] and rank0 and not file:
+        remove_checkpoint(out)  # a redone folder must not resume the old run
+    if settings["overwrite"]:
+        for path in stale if rank0 else ():
             if os.path.isdir(path):
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.remove(path)
-        return False
-    if not all(os.path.exists(p) for p in done):
-        return False
-    print(say or f"done: {done[0]} exists (--overwrite to redo)")
-    return True
+    elif any(os.path.exists(p) for p in done) or _holds_more(out, file, side):
+        old = read_json(side) if os.path.isfile(side) else {}
+        if old.get("stage") != stage:
+            by = f"was written by {old['stage']}" if "stage" in old else f"has no {side}"
+            raise AltError(
+                f"{out} exists but is no output of {stage} ({by}): --overwrite to replace it, or "
+                "another --out"
+            )
+        if all(os.path.exists(p) for p in done):
+            was = old.get("settings", {})
+            diff = [
+                f"--{k.replace('_', '-')} {record['settings'].get(k)!r} (was {was.get(k)!r})"
+                for k in sorted(set(was) | set(record["settings"]))
+                if was.get(k) != record["settings"].get(k)
+            ]
+            if diff:
+                raise AltError(
+                    f"{out} was made with other settings ({'; '.join(diff)}): --overwrite to "
+                    "redo it, or another --out"
+                )
+            print(say or f"done: {done[0]} exists (--overwrite to redo)")
+            return True
+    if rank0:
+        write_json(side, record)
+    return False
+
+
+def _holds_more(out, file, side):
+    """A folder output already holds something besides its stage record (and that record's temp files)."""
+    name = os.path.basename(side)
+    return not file and any(
+        not f.startswith((name, f".{name}."))
+        for f in (os.listdir(out) if os.path.isdir(out) else [])
+    )
 
 
 def context_length(config):

@@ -401,7 +401,7 @@ def generate_batched(
 # ----------------------------------------------------------------------------- merge shards
 def merge(out, overwrite=False):
     """Join OUT.shard-i-of-n (i = 0..n-1) into OUT, ordered by prompt index then sample index."""
-    if bookkeeping.finished([out], overwrite):
+    if bookkeeping.finished("sample.py --merge", out, {"overwrite": overwrite}):
         return
     folder, base = os.path.split(os.path.abspath(out))
     pat = re.compile(re.escape(base) + r"\.shard-(\d+)-of-(\d+)")
@@ -471,7 +471,7 @@ def main(argv=None):
         {"--out": [out, side]},
         {"--prompts": args.prompts, "--model": args.model, "--condition-pool": args.condition_pool},
     )
-    if bookkeeping.finished([out], args.overwrite):
+    if bookkeeping.finished("sample.py", out, args):
         return
     pool = load_condition_pool(args.condition_pool) if args.condition_pool else None
     for f in pool or [args.condition]:

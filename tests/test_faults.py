@@ -360,6 +360,8 @@ def test_more_bad_inputs_found_by_this_suite(tiny_model_dir, tmp_path, monkeypat
     ck = tmp_path / "t" / "checkpoint"
     shutil.copytree(tiny_model_dir, ck)  # weights fine, the resume state not
     (ck / "state.pt").write_bytes(b"not a torch file")
+    # a partial train.py run's folder: its stage record (written first) says so
+    bookkeeping.write_json(str(tmp_path / "t" / "stage.json"), {"stage": "train.py"})
     pool = jsonl(tmp_path / "pool.jsonl", pool_rows(8))
     fb = [
         "--method",
@@ -1067,3 +1069,63 @@ def test_pool_prompt_ids_are_checked_by_train_and_dpo(tmp_path, change, error):
         train.read_pool(pool, ("A", "B", "C"))
     with pytest.raises(bookkeeping.AltError, match=error):
         dpo.make_pairs(bookkeeping.read_jsonl(pool), pool)
+
+
+
+# ============================================================================= "done" means done
+def test_done_only_for_this_stages_output_under_the_same_settings(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """A stage says "done" only for its own finished output made with the same settings; any other file or folder at
+    --out is one line suggesting --overwrite (the old code said "done" for all of them)."""
+    gens = jsonl(
+        tmp_path / "g.jsonl",
+        [{"prompt_id": 0, "prompt": "a", "generation": " b", "toxicity": 0.1}],
+    )
+    ev = ["--generations", gens, "--out", str(tmp_path / "ev"), "--fluency-model", "none"]
+    assert run_cli("evaluate", ev, monkeypatch, capsys)[0] == 0
+    code, out, _ = run_cli("evaluate", ev, monkeypatch, capsys)
+    assert code == 0 and out.startswith("done")
+    code, out, err = run_cli("evaluate", [*ev, "--seed", "5"], monkeypatch, capsys)
+    assert code == 2 and "done" not in out
+    assert err.strip() == (
+        f"evaluate.py: error: {tmp_path / 'ev'} was made with other settings (--seed 5 (was 0)): "
+        "--overwrite to redo it, or another --out"
+    )
+    prompts = jsonl(tmp_path / "p.jsonl", [{"prompt": "the cat"}])
+    pool = jsonl(tmp_path / "pool.jsonl", pool_rows(4))  # no record: not sample.py's
+    smp = ["--model", tiny_model_dir, "--prompts", prompts, "--max-new-tokens", "2"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    samples = str(tmp_path / "s.jsonl")
+    assert run_cli("sample", [*smp, "--out", samples], monkeypatch, capsys)[0] == 0
+    no_output = "exists but is no output of"
+    for stage, argv, want in (
+        (
+            "sample",
+            [*smp, "--out", pool],
+            f"{pool} {no_output} sample.py (has no {pool}.stage.json)",
+        ),
+        (
+            "feedback",
+            ["--method", "alt-rm", "--samples", gens, "--out", samples, "--quantiles", "1"],
+            f"{samples} {no_output} feedback.py (was written by sample.py)",
+        ),
+        (
+            "evaluate",
+            [*ev[:3], str(foreign), *ev[4:]],
+            f"{foreign} {no_output} evaluate.py (has no {foreign / 'stage.json'})",
+        ),
+        (
+            "train",
+            ["--data", pool, "--model", tiny_model_dir, "--out", prompts],
+            f"{prompts} is a file; train.py writes a folder there",
+        ),
+    ):
+        code, out, err = run_cli(stage, argv, monkeypatch, capsys)
+        assert code == 2 and "done" not in out, (stage, out, err)
+        assert err.strip().split(": error: ", 1)[1].startswith(want), (stage, err)
+    assert (foreign / "notes.txt").read_text() == "mine" and sorted(os.listdir(foreign)) == [
+        "notes.txt"
+    ]
