@@ -29,12 +29,20 @@ class AltError(Exception):
 
 
 def cli(main):
-    """Run a stage's main(); turn AltError into a one-line message and exit code 2."""
+    """Run a stage's main(); turn AltError, and an OSError (a full disk, a read-only folder), into a one-line
+    message naming the path and exit code 2."""
     try:
         main()
-    except AltError as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+    except (AltError, OSError) as e:
+        where = f"{e.filename}: " if isinstance(e, OSError) and e.filename is not None else ""
+        print(f"{os.path.basename(sys.argv[0])}: error: {where}{why(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def why(e):
+    """An exception's reason in one line: an OSError's strerror, else its message's first line."""
+    text = getattr(e, "strerror", None) or str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
 
 
 def finite(lo=None, hi=None, kind=float, strict=False):
@@ -123,9 +131,12 @@ def atomic_open(path, mode="w"):
             os.fchmod(fh.fileno(), 0o666 & ~UMASK)
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        # the write itself failed (a full disk, `path` a folder), not something else in the caller's block
+        if isinstance(e, OSError) and e.filename in (None, tmp, path):
+            raise AltError(f"{path}: cannot write ({why(e)})") from None
         raise
 
 
@@ -162,9 +173,12 @@ def read_json(path, kind=dict):
 
 def append_jsonl(fh, row):
     """Append one row to an open log and make it durable now (side files, LLM caches); read back with partial_ok."""
-    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    fh.flush()
-    os.fsync(fh.fileno())
+    try:
+        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    except OSError as e:
+        raise AltError(f"{fh.name}: cannot write ({why(e)})") from None
 
 
 # ----------------------------------------------------------------------------- resume
@@ -278,19 +292,25 @@ def save_checkpoint(
 
     ck = os.path.join(out, name)
     tmp = ck + ".tmp"
-    if rank == 0:
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            torch.save(state, os.path.join(tmp, "state.pt"))
+            if extra is not None:
+                extra(tmp)
+        barrier()
+        cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
+        torch.save(
+            {"torch": torch.get_rng_state(), **cuda, **({"zero": zero} if zero else {})},
+            os.path.join(tmp, f"rng_{rank}.pt"),
+        )
+    except (
+        Exception
+    ) as e:  # torch and safetensors report a full disk as RuntimeError or their own error
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        torch.save(state, os.path.join(tmp, "state.pt"))
-        if extra is not None:
-            extra(tmp)
-    barrier()
-    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
-    torch.save(
-        {"torch": torch.get_rng_state(), **cuda, **({"zero": zero} if zero else {})},
-        os.path.join(tmp, f"rng_{rank}.pt"),
-    )
+        raise AltError(f"{tmp}: cannot write the checkpoint ({why(e)}); {ck} is kept") from None
     barrier()
     if rank == 0:
         # rename is atomic; a crash between the two renames leaves NAME.old, which find_checkpoint reads

@@ -2,6 +2,7 @@
 kinds of bad input each give one clear line and exit code 2 (or a documented, counted skip); API faults through the
 loopback stubs end with retried items scored and permanently failed ones null, counted in the meta."""
 
+import errno
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import bookkeeping
 import evaluate
 import feedback
 import scorers
+from bookkeeping import AltError
 from conftest import ROOT, inject_nan_at_step, run_cli, tiny_texts
 from stub_servers import judge_target, openai_stub, perspective_stub
 
@@ -1129,3 +1131,86 @@ def test_done_only_for_this_stages_output_under_the_same_settings(
     assert (foreign / "notes.txt").read_text() == "mine" and sorted(os.listdir(foreign)) == [
         "notes.txt"
     ]
+
+
+# ============================================================================= write failures
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def temp_files(folder):
+    return [f for _, _, files in os.walk(folder) for f in files if f.endswith(".tmp")]
+
+
+def test_write_failures_are_one_line_and_keep_the_last_good_output(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """A full disk, a folder at --out, a read-only file system: one line naming the path and the OS reason, exit 2,
+    no temp file or checkpoint.tmp left, the previous output intact; a folder at --out fails before any work."""
+    good = tmp_path / "good.jsonl"
+    bookkeeping.write_jsonl(str(good), [{"a": 1}])
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", no_space)
+        with pytest.raises(AltError, match=rf"^{good}: cannot write \(No space left on device\)$"):
+            bookkeeping.write_jsonl(str(good), [{"a": 2}])
+        with open(tmp_path / "log.jsonl", "a") as fh:
+            with pytest.raises(AltError, match=r"log\.jsonl: cannot write \(No space left"):
+                bookkeeping.append_jsonl(fh, {"a": 1})
+    assert bookkeeping.read_jsonl(str(good)) == [{"a": 1}] and temp_files(tmp_path) == []
+
+    # a stage: sample.py --merge --overwrite on a full disk keeps the merged file it had
+    shard = sample_file_rows(["a", "b"])
+    for r in shard:
+        r["prompt_index"] = r["prompt_id"]
+    merged = tmp_path / "m" / "s.jsonl"
+    merged.parent.mkdir()
+    jsonl(tmp_path / "m" / "s.jsonl.shard-0-of-1", shard)
+    assert run_cli("sample", ["--merge", str(merged)], monkeypatch, capsys)[0] == 0
+    before = merged.read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", no_space)
+        code, _, err = run_cli("sample", ["--merge", str(merged), "--overwrite"], m, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.strip().endswith("cannot write (No space left on device)") and str(merged) in err
+    assert merged.read_bytes() == before and temp_files(tmp_path) == []
+
+    # an OSError from anywhere in a stage (a read-only file system): one line, not a traceback
+    def read_only():
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), "/ro/out.jsonl")
+
+    monkeypatch.setattr(sys, "argv", ["x.py"])
+    with pytest.raises(SystemExit) as exit_:
+        bookkeeping.cli(read_only)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "x.py: error: /ro/out.jsonl: Read-only file system\n"
+
+    # --out a folder: feedback.py stops before scoring a single row
+    samples = jsonl(tmp_path / "s.jsonl", sample_file_rows(["a", "b", "c"]))
+    (tmp_path / "pool.jsonl").mkdir()
+    monkeypatch.setattr(feedback, "make_scorer", lambda *a, **k: pytest.fail("scored rows"))
+    argv = ["--method", "alt-rm", "--samples", samples, "--out", str(tmp_path / "pool.jsonl")]
+    code, _, err = run_cli("feedback", [*argv, "--quantiles", "1"], monkeypatch, capsys)
+    assert code == 2 and err.strip() == (
+        f"feedback.py: error: {tmp_path / 'pool.jsonl'} is a folder; feedback.py writes a file there"
+    )
+
+    # the resume checkpoint: a full disk mid-save leaves no checkpoint.tmp and the last checkpoint as it was
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    run = tmp_path / "run"
+    bookkeeping.save_checkpoint(str(run), model, tok, {"step": 1})
+    kept = snapshot(run / "checkpoint")
+
+    def half_then_full(folder, **kwargs):
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, "model.safetensors"), "wb").write(b"half")
+        no_space()
+
+    monkeypatch.setattr(model, "save_pretrained", half_then_full)
+    with pytest.raises(AltError, match=r"checkpoint\.tmp: cannot write the checkpoint \(No space"):
+        bookkeeping.save_checkpoint(str(run), model, tok, {"step": 2})
+    assert sorted(os.listdir(run)) == ["checkpoint"] and snapshot(run / "checkpoint") == kept
+    assert torch.load(run / "checkpoint" / "state.pt", weights_only=True) == {"step": 1}
