@@ -11,6 +11,7 @@ paths, the Hub probe, seeding, the default device and the run folder's lock (hol
 import argparse
 import contextlib
 import functools
+import glob
 import json
 import math
 import os
@@ -399,6 +400,33 @@ def refuse_overlap(outputs, inputs):
                     f"{inner[0]} {inner[1]} lies inside {outer[0]} {outer[1]}: an output may not "
                     "overlap an input"
                 )
+
+
+def load_error(what, name, e):
+    """The one line for a model (`what`: model, classifier) that from_pretrained could not load (exception `e`): in a
+    local folder, the file at fault (config.json, a truncated or invalid safetensors file) and why."""
+    if not os.path.isdir(name):
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        return AltError(
+            f"cannot load {what} '{name}': not a local model folder and not loadable from the "
+            f"Hub{offline}: {why(e)}"
+        )
+    from safetensors import safe_open
+
+    config = os.path.join(name, "config.json")
+    try:
+        read_json(config)
+        for path in sorted(glob.glob(os.path.join(name, "*.safetensors"))):
+            try:
+                with safe_open(path, "pt"):
+                    pass
+            except Exception as bad:  # safetensors' own error type: a cut or foreign file
+                raise AltError(
+                    f"{path}: truncated or invalid safetensors file ({why(bad)})"
+                ) from None
+    except AltError as bad:
+        return AltError(f"cannot load {what} '{name}': {bad}")
+    return AltError(f"cannot load {what} '{name}' (a local folder): {why(e)}")
 
 
 def default_device_dtype():

@@ -24,7 +24,7 @@ Conditioning template (the single source, used by sample, train and evaluate):
 
 import os
 
-from bookkeeping import AltError, default_device_dtype, hub_unreachable, read_jsonl
+from bookkeeping import AltError, default_device_dtype, hub_unreachable, load_error, read_jsonl
 
 SEPARATOR = "<|separator|>"
 # the kinds a pool row's fields may have, for bookkeeping.check_row (prompt_id null: grouped by the prompt text)
@@ -119,13 +119,8 @@ def load_policy(name_or_path, device=None, dtype=None, extra_tokens=(), trust_re
             trust_remote_code=trust_remote_code,
             local_files_only=local,
         )
-    except Exception as e:
-        # OSError, ValueError, or UnpicklingError for a folder with only a pickled .bin
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        raise AltError(
-            f"cannot load model '{name_or_path}': not a local model folder and not loadable from the "
-            f"Hub{offline}: {str(e).splitlines()[0]}"
-        ) from None
+    except Exception as e:  # OSError, ValueError, SafetensorError, UnpicklingError (a pickled .bin)
+        raise load_error("model", name_or_path, e) from None
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -1073,7 +1073,6 @@ def test_pool_prompt_ids_are_checked_by_train_and_dpo(tmp_path, change, error):
         dpo.make_pairs(bookkeeping.read_jsonl(pool), pool)
 
 
-
 # ============================================================================= "done" means done
 def test_done_only_for_this_stages_output_under_the_same_settings(
     tiny_model_dir, tmp_path, monkeypatch, capsys
@@ -1214,3 +1213,34 @@ def test_write_failures_are_one_line_and_keep_the_last_good_output(
         bookkeeping.save_checkpoint(str(run), model, tok, {"step": 2})
     assert sorted(os.listdir(run)) == ["checkpoint"] and snapshot(run / "checkpoint") == kept
     assert torch.load(run / "checkpoint" / "state.pt", weights_only=True) == {"step": 1}
+
+
+# ============================================================================= broken model files
+def test_a_broken_model_file_is_named_with_its_fault(
+    tiny_model_dir, tiny_classifier, tmp_path, monkeypatch, capsys
+):
+    """A truncated model.safetensors or a bad config.json names the file and what is wrong with it, for a policy and
+    for an hf: scorer (the old line said "not a local model folder and not loadable from the Hub")."""
+    cut, bad_config, classifier = tmp_path / "cut", tmp_path / "bad_config", tmp_path / "cls"
+    for copy, source in ((cut, tiny_model_dir), (bad_config, tiny_model_dir)):
+        shutil.copytree(source, copy)
+    shutil.copytree(tiny_classifier[2], classifier)
+    for folder in (cut, classifier):
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (bad_config / "config.json").write_text('{"model_type": "gpt2",')
+    prompts = jsonl(tmp_path / "p.jsonl", [{"prompt": "the cat"}])
+    for model, want in (
+        (cut, f"{cut / 'model.safetensors'}: truncated or invalid safetensors file (Error while"),
+        (bad_config, f"{bad_config / 'config.json'}:1: malformed JSON"),
+    ):
+        argv = ["--model", str(model), "--prompts", prompts, "--out", str(tmp_path / "o.jsonl")]
+        code, _, err = run_cli("sample", argv, monkeypatch, capsys)
+        assert code == 2 and err.strip().startswith(
+            f"sample.py: error: cannot load model '{model}': {want}"
+        ), err
+    with pytest.raises(AltError, match="truncated or invalid safetensors") as e:
+        scorers.make_scorer(f"hf:{classifier}")
+    assert str(e.value).startswith(
+        f"cannot load classifier '{classifier}': {classifier / 'model.safetensors'}: "
+    )
