@@ -62,18 +62,26 @@ def control_token_ids(tokenizer):
 
 def load_prompts(spec, split="train", field=None):
     """Prompts as [{"id", "prompt"}] from a local JSONL file or, with `field` (dotted, e.g. prompt.text), any
-    `datasets` source: an HF dataset name, or a local JSON/JSONL file through datasets' json loader."""
+    `datasets` source: an HF dataset name, a folder of datasets' save_to_disk, or a local JSON/JSONL file through
+    datasets' json loader. Any other folder is an error (load_dataset would build a cache of it under ~/.cache)."""
+    saved = os.path.isdir(spec)
+    if saved and not {"state.json", "dataset_dict.json"} & set(os.listdir(spec)):
+        raise AltError(
+            f"{spec}: a folder, neither a prompt file nor a saved HF dataset (save_to_disk)"
+        )
     if os.path.isfile(spec) and field is None:
         rows = read_jsonl(spec, required=("prompt",))
     else:
         import datasets  # only when needed: it is slow to import
 
         try:
-            rows = (
-                datasets.load_dataset("json", data_files=spec, split=split)
-                if os.path.isfile(spec)
-                else datasets.load_dataset(spec, split=split)
-            )
+            if saved:  # memory-mapped where it lies: no cache written
+                rows = datasets.load_from_disk(spec)
+                rows = rows[split] if isinstance(rows, datasets.DatasetDict) else rows
+            elif os.path.isfile(spec):
+                rows = datasets.load_dataset("json", data_files=spec, split=split)
+            else:
+                rows = datasets.load_dataset(spec, split=split)
         except Exception as e:  # offline Hub, unknown name, bad split: one clear line
             raise AltError(
                 f"cannot load prompts '{spec}' (split {split}): {type(e).__name__}: {e}"

@@ -482,7 +482,7 @@ def main(argv=None):
     looks_local = args.prompts.endswith((".jsonl", ".json")) or args.prompts.startswith(
         (".", os.sep)
     )
-    if args.prompt_field is None and looks_local and not os.path.isfile(args.prompts):
+    if args.prompt_field is None and looks_local and not os.path.exists(args.prompts):
         # else: an HF dataset name
         raise AltError(f"{args.prompts}: no such prompt file")
     prompts = common.load_prompts(args.prompts, args.split, args.prompt_field)
