@@ -11,6 +11,7 @@ paths, the Hub probe, seeding, the default device and the run folder's lock (hol
 import argparse
 import contextlib
 import functools
+import glob
 import json
 import math
 import os
@@ -29,12 +30,20 @@ class AltError(Exception):
 
 
 def cli(main):
-    """Run a stage's main(); turn AltError into a one-line message and exit code 2."""
+    """Run a stage's main(); turn AltError, and an OSError (a full disk, a read-only folder), into a one-line
+    message naming the path and exit code 2."""
     try:
         main()
-    except AltError as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+    except (AltError, OSError) as e:
+        where = f"{e.filename}: " if isinstance(e, OSError) and e.filename is not None else ""
+        print(f"{os.path.basename(sys.argv[0])}: error: {where}{why(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def why(e):
+    """An exception's reason in one line: an OSError's strerror, else its message's first line."""
+    text = getattr(e, "strerror", None) or str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
 
 
 def finite(lo=None, hi=None, kind=float, strict=False):
@@ -123,9 +132,12 @@ def atomic_open(path, mode="w"):
             os.fchmod(fh.fileno(), 0o666 & ~UMASK)
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        # the write itself failed (a full disk, `path` a folder), not something else in the caller's block
+        if isinstance(e, OSError) and e.filename in (None, tmp, path):
+            raise AltError(f"{path}: cannot write ({why(e)})") from None
         raise
 
 
@@ -162,9 +174,12 @@ def read_json(path, kind=dict):
 
 def append_jsonl(fh, row):
     """Append one row to an open log and make it durable now (side files, LLM caches); read back with partial_ok."""
-    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    fh.flush()
-    os.fsync(fh.fileno())
+    try:
+        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    except OSError as e:
+        raise AltError(f"{fh.name}: cannot write ({why(e)})") from None
 
 
 # ----------------------------------------------------------------------------- resume
@@ -189,21 +204,75 @@ def open_log(path, upto, key="step"):
     return open_journal(path, keep=lambda row: row.get(key, 0) <= upto)[1]
 
 
-def finished(done, overwrite, stale=(), say=None):
-    """The done / --overwrite preamble of every stage. Without --overwrite: True when every path in `done` exists,
-    after printing `say` (default "done: PATH exists (--overwrite to redo)"). With it: False, after rank 0 deleted the
-    `stale` files and folders (a summary, resume state), so a crashed rerun neither looks finished nor resumes."""
-    if overwrite:
-        for path in stale if os.environ.get("RANK", "0") == "0" else ():
+# flags that change how a stage runs or what it prints, never what it writes
+NOT_SETTINGS = ("out", "overwrite", "no_progress", "baseline", "local_rank", "qps", "concurrency")
+
+
+def finished(stage, out, args, done=None, stale=(), say=None):
+    """The done / --overwrite preamble of every stage -> True when `out` is finished. `done`: the paths whose presence
+    marks it finished (default [out]: a file; else `out` is a folder). `args`: the stage's argparse Namespace (or a
+    dict): its `overwrite`, and its settings (less NOT_SETTINGS), which OUT.stage.json beside a file (OUT/stage.json
+    in a folder) records with `stage` from the start, so that "done" is said only for this stage's finished output
+    under the same settings (after printing `say`, default "done: PATH exists (--overwrite to redo)"), a partial run
+    of this stage resumes, and any other file or folder at `out` is an error. Writing the record first also fails a
+    read-only or full output folder before any work. With --overwrite: rank 0 deletes the `stale` files and folders
+    (a summary) and a folder's resume checkpoint first."""
+    settings = args if isinstance(args, dict) else vars(args)
+    done, rank0 = done or [out], os.environ.get("RANK", "0") == "0"
+    file = out in done  # else a folder, holding its markers
+    side = out + ".stage.json" if file else os.path.join(out, "stage.json")
+    for path in done if file else [out]:
+        if os.path.exists(path) and os.path.isdir(path) == file:
+            kinds = ("a folder", "a file")[:: 1 if file else -1]
+            raise AltError(f"{path} is {kinds[0]}; {stage} writes {kinds[1]} there")
+    norm = {  # a path means the same from any working folder
+        k: os.path.realpath(v) if isinstance(v, str) and os.path.exists(v) else v
+        for k, v in settings.items()
+        if k not in NOT_SETTINGS
+    }
+    record = json.loads(json.dumps({"stage": stage, "settings": norm}, default=str))
+    if settings["overwrite"] and rank0 and not file:
+        remove_checkpoint(out)  # a redone folder must not resume the old run
+    if settings["overwrite"]:
+        for path in stale if rank0 else ():
             if os.path.isdir(path):
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.remove(path)
-        return False
-    if not all(os.path.exists(p) for p in done):
-        return False
-    print(say or f"done: {done[0]} exists (--overwrite to redo)")
-    return True
+    elif any(os.path.exists(p) for p in done) or _holds_more(out, file, side):
+        old = read_json(side) if os.path.isfile(side) else {}
+        if old.get("stage") != stage:
+            by = f"was written by {old['stage']}" if "stage" in old else f"has no {side}"
+            raise AltError(
+                f"{out} exists but is no output of {stage} ({by}): --overwrite to replace it, or "
+                "another --out"
+            )
+        if all(os.path.exists(p) for p in done):
+            was = old.get("settings", {})
+            diff = [
+                f"--{k.replace('_', '-')} {record['settings'].get(k)!r} (was {was.get(k)!r})"
+                for k in sorted(set(was) | set(record["settings"]))
+                if was.get(k) != record["settings"].get(k)
+            ]
+            if diff:
+                raise AltError(
+                    f"{out} was made with other settings ({'; '.join(diff)}): --overwrite to "
+                    "redo it, or another --out"
+                )
+            print(say or f"done: {done[0]} exists (--overwrite to redo)")
+            return True
+    if rank0:
+        write_json(side, record)
+    return False
+
+
+def _holds_more(out, file, side):
+    """A folder output already holds something besides its stage record (and that record's temp files)."""
+    name = os.path.basename(side)
+    return not file and any(
+        not f.startswith((name, f".{name}."))
+        for f in (os.listdir(out) if os.path.isdir(out) else [])
+    )
 
 
 def context_length(config):
@@ -224,19 +293,25 @@ def save_checkpoint(
 
     ck = os.path.join(out, name)
     tmp = ck + ".tmp"
-    if rank == 0:
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            torch.save(state, os.path.join(tmp, "state.pt"))
+            if extra is not None:
+                extra(tmp)
+        barrier()
+        cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
+        torch.save(
+            {"torch": torch.get_rng_state(), **cuda, **({"zero": zero} if zero else {})},
+            os.path.join(tmp, f"rng_{rank}.pt"),
+        )
+    except (
+        Exception
+    ) as e:  # torch and safetensors report a full disk as RuntimeError or their own error
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        torch.save(state, os.path.join(tmp, "state.pt"))
-        if extra is not None:
-            extra(tmp)
-    barrier()
-    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
-    torch.save(
-        {"torch": torch.get_rng_state(), **cuda, **({"zero": zero} if zero else {})},
-        os.path.join(tmp, f"rng_{rank}.pt"),
-    )
+        raise AltError(f"{tmp}: cannot write the checkpoint ({why(e)}); {ck} is kept") from None
     barrier()
     if rank == 0:
         # rename is atomic; a crash between the two renames leaves NAME.old, which find_checkpoint reads
@@ -327,6 +402,33 @@ def refuse_overlap(outputs, inputs):
                 )
 
 
+def load_error(what, name, e):
+    """The one line for a model (`what`: model, classifier) that from_pretrained could not load (exception `e`): in a
+    local folder, the file at fault (config.json, a truncated or invalid safetensors file) and why."""
+    if not os.path.isdir(name):
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        return AltError(
+            f"cannot load {what} '{name}': not a local model folder and not loadable from the "
+            f"Hub{offline}: {why(e)}"
+        )
+    from safetensors import safe_open
+
+    config = os.path.join(name, "config.json")
+    try:
+        read_json(config)
+        for path in sorted(glob.glob(os.path.join(name, "*.safetensors"))):
+            try:
+                with safe_open(path, "pt"):
+                    pass
+            except Exception as bad:  # safetensors' own error type: a cut or foreign file
+                raise AltError(
+                    f"{path}: truncated or invalid safetensors file ({why(bad)})"
+                ) from None
+    except AltError as bad:
+        return AltError(f"cannot load {what} '{name}': {bad}")
+    return AltError(f"cannot load {what} '{name}' (a local folder): {why(e)}")
+
+
 def default_device_dtype():
     import torch
 
@@ -408,17 +510,17 @@ def check_row(where, row, schema):
 
 
 def prompt_key(path, line, row, seen):
-    """A pool row's x identity for grouping: prompt_id (int or str, checked by check_row), else the prompt text. `seen` maps each id to
-    the first (prompt, line), so an id reused for another x is an error, not a silently merged group."""
+    """A pool row's x identity for grouping: ("id", str(prompt_id)), else ("x", the prompt text), so that an id
+    never meets a text. `seen` maps each id to the first (prompt, line): an id reused for another x is an error."""
     pid = row.get("prompt_id")
     if pid is None:
-        return row["prompt"]
+        return ("x", row["prompt"])
     first = seen.setdefault(str(pid), (row["prompt"], line))
     if first[0] != row["prompt"]:
         raise AltError(
             f"{path}:{line}: prompt_id {pid!r} was given to another prompt on line {first[1]}"
         )
-    return str(pid)
+    return ("id", str(pid))
 
 
 # ----------------------------------------------------------------------------- locks

@@ -24,7 +24,7 @@ Conditioning template (the single source, used by sample, train and evaluate):
 
 import os
 
-from bookkeeping import AltError, default_device_dtype, hub_unreachable, read_jsonl
+from bookkeeping import AltError, default_device_dtype, hub_unreachable, load_error, read_jsonl
 
 SEPARATOR = "<|separator|>"
 # the kinds a pool row's fields may have, for bookkeeping.check_row (prompt_id null: grouped by the prompt text)
@@ -62,18 +62,26 @@ def control_token_ids(tokenizer):
 
 def load_prompts(spec, split="train", field=None):
     """Prompts as [{"id", "prompt"}] from a local JSONL file or, with `field` (dotted, e.g. prompt.text), any
-    `datasets` source: an HF dataset name, or a local JSON/JSONL file through datasets' json loader."""
+    `datasets` source: an HF dataset name, a folder of datasets' save_to_disk, or a local JSON/JSONL file through
+    datasets' json loader. Any other folder is an error (load_dataset would build a cache of it under ~/.cache)."""
+    saved = os.path.isdir(spec)
+    if saved and not {"state.json", "dataset_dict.json"} & set(os.listdir(spec)):
+        raise AltError(
+            f"{spec}: a folder, neither a prompt file nor a saved HF dataset (save_to_disk)"
+        )
     if os.path.isfile(spec) and field is None:
         rows = read_jsonl(spec, required=("prompt",))
     else:
         import datasets  # only when needed: it is slow to import
 
         try:
-            rows = (
-                datasets.load_dataset("json", data_files=spec, split=split)
-                if os.path.isfile(spec)
-                else datasets.load_dataset(spec, split=split)
-            )
+            if saved:  # memory-mapped where it lies: no cache written
+                rows = datasets.load_from_disk(spec)
+                rows = rows[split] if isinstance(rows, datasets.DatasetDict) else rows
+            elif os.path.isfile(spec):
+                rows = datasets.load_dataset("json", data_files=spec, split=split)
+            else:
+                rows = datasets.load_dataset(spec, split=split)
         except Exception as e:  # offline Hub, unknown name, bad split: one clear line
             raise AltError(
                 f"cannot load prompts '{spec}' (split {split}): {type(e).__name__}: {e}"
@@ -119,13 +127,8 @@ def load_policy(name_or_path, device=None, dtype=None, extra_tokens=(), trust_re
             trust_remote_code=trust_remote_code,
             local_files_only=local,
         )
-    except Exception as e:
-        # OSError, ValueError, or UnpicklingError for a folder with only a pickled .bin
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        raise AltError(
-            f"cannot load model '{name_or_path}': not a local model folder and not loadable from the "
-            f"Hub{offline}: {str(e).splitlines()[0]}"
-        ) from None
+    except Exception as e:  # OSError, ValueError, SafetensorError, UnpicklingError (a pickled .bin)
+        raise load_error("model", name_or_path, e) from None
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

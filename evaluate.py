@@ -561,7 +561,7 @@ def main(argv=None):
         else args.baseline
     )
     baseline = bookkeeping.read_json(bpath) if bpath else None
-    if bookkeeping.finished([eval_path], args.overwrite):
+    if bookkeeping.finished("evaluate.py", args.out, args, [eval_path]):
         return print(format_table(bookkeeping.read_json(eval_path), baseline))
     summary_path = os.path.join(args.model or "", "train_summary.json")
     summary = bookkeeping.read_json(summary_path) if os.path.isfile(summary_path) else {}

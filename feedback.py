@@ -378,7 +378,7 @@ def main(argv=None):
         {"--samples": args.samples, "--pool": args.pool, "--prompt-template": args.prompt_template},
     )
     refuse_overlap(outputs, {"--cache": args.cache})
-    if finished([args.out, meta_out], args.overwrite):
+    if finished("feedback.py", args.out, args, [args.out, meta_out]):
         return
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
     if args.method == "steerlm" and categories != HH_CATEGORIES:

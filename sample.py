@@ -401,7 +401,7 @@ def generate_batched(
 # ----------------------------------------------------------------------------- merge shards
 def merge(out, overwrite=False):
     """Join OUT.shard-i-of-n (i = 0..n-1) into OUT, ordered by prompt index then sample index."""
-    if bookkeeping.finished([out], overwrite):
+    if bookkeeping.finished("sample.py --merge", out, {"overwrite": overwrite}):
         return
     folder, base = os.path.split(os.path.abspath(out))
     pat = re.compile(re.escape(base) + r"\.shard-(\d+)-of-(\d+)")
@@ -471,7 +471,7 @@ def main(argv=None):
         {"--out": [out, side]},
         {"--prompts": args.prompts, "--model": args.model, "--condition-pool": args.condition_pool},
     )
-    if bookkeeping.finished([out], args.overwrite):
+    if bookkeeping.finished("sample.py", out, args):
         return
     pool = load_condition_pool(args.condition_pool) if args.condition_pool else None
     for f in pool or [args.condition]:
@@ -482,7 +482,7 @@ def main(argv=None):
     looks_local = args.prompts.endswith((".jsonl", ".json")) or args.prompts.startswith(
         (".", os.sep)
     )
-    if args.prompt_field is None and looks_local and not os.path.isfile(args.prompts):
+    if args.prompt_field is None and looks_local and not os.path.exists(args.prompts):
         # else: an HF dataset name
         raise AltError(f"{args.prompts}: no such prompt file")
     prompts = common.load_prompts(args.prompts, args.split, args.prompt_field)

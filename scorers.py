@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 
-from bookkeeping import AltError, context_length, hub_unreachable
+from bookkeeping import AltError, context_length, hub_unreachable, load_error
 
 # override with env PERSPECTIVE_API_URL (tests: a stub)
 PERSPECTIVE_URL = "https://commentanalyzer.googleapis.com"
@@ -54,8 +54,8 @@ def make_scorer(spec, qps=1.0, batch_size=256):
         model = AutoModelForSequenceClassification.from_pretrained(
             name, trust_remote_code=False, local_files_only=local
         )
-    except (OSError, ValueError) as e:
-        raise AltError(f"cannot load classifier '{name}': {str(e).splitlines()[0]}") from None
+    except Exception as e:  # OSError, ValueError, SafetensorError (a truncated file)
+        raise load_error("classifier", name, e) from None
     cfg = model.config
     names = [str(cfg.id2label.get(i, i)).lower() for i in range(cfg.num_labels)]
     if label:

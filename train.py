@@ -521,8 +521,8 @@ def prepare_out(args):
         {"--out": args.out},
         {"--data": args.data, "--model": args.model, "--ref-model": args.ref_model},
     )
-    summary, ck = (os.path.join(args.out, n) for n in ("train_summary.json", "checkpoint"))
-    return bookkeeping.finished([summary], args.overwrite, [summary, ck, ck + ".old"], say="done")
+    done = [os.path.join(args.out, "train_summary.json")]
+    return bookkeeping.finished("train.py", args.out, args, done, done, "done")
 
 
 def setup_distributed(args):

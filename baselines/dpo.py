@@ -204,10 +204,8 @@ def main(argv=None):
     summary_path, log_path = (
         os.path.join(args.out, n) for n in ("train_summary.json", "train_log.jsonl")
     )
-    ck = os.path.join(args.out, "checkpoint")
-    if bookkeeping.finished(
-        [summary_path], args.overwrite, [summary_path, ck, ck + ".old"], "done"
-    ):
+    done = [summary_path]
+    if bookkeeping.finished("dpo.py", args.out, args, done, done, "done"):
         return
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup

@@ -461,10 +461,13 @@ def main(argv=None):
     stale = glob.glob(os.path.join(args.out, "iter_*")) + glob.glob(
         os.path.join(args.out, "ppo_*.json*")
     )
-    # a finished RUN with fewer --updates than asked is extended
+    # a finished RUN with fewer --updates than asked is extended; evaluations are extras, not settings
     done = os.path.exists(done_path) and not args.overwrite
     extend = done and bookkeeping.read_json(done_path)["updates"] < args.updates
-    if not extend and bookkeeping.finished([done_path], args.overwrite, stale, say="done"):
+    keep = {k: v for k, v in vars(args).items() if k != "updates" and not k.startswith("eval")}
+    say = f"extending {args.out} to {args.updates} updates" if extend else "done"
+    finished = bookkeeping.finished("ppo.py", args.out, keep, [done_path], stale, say)
+    if finished and not extend:
         if args.eval:
             evaluate_all(args)
         return

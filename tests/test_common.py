@@ -191,3 +191,37 @@ def test_read_json_errors_name_the_file_and_line(tmp_path):
         with pytest.raises(AltError, match=msg):
             bookkeeping.read_json(str(tmp_path / name))
     assert bookkeeping.read_json(str(tmp_path / "list.json"), kind=list) == [1, 2]
+
+
+def test_prompt_key_never_mixes_an_id_with_a_text():
+    """A row whose prompt is "1" (no id) and a row with prompt_id 1 are two prompts, not one group."""
+    seen = {}
+    by_text = bookkeeping.prompt_key("p.jsonl", 1, {"prompt": "1", "prompt_id": None}, seen)
+    by_id = bookkeeping.prompt_key("p.jsonl", 2, {"prompt": "other", "prompt_id": 1}, seen)
+    assert by_text != by_id
+    again = bookkeeping.prompt_key("p.jsonl", 3, {"prompt": "other", "prompt_id": "1"}, seen)
+    assert again == by_id  # an id is the same x whether written 1 or "1"
+
+
+def test_a_prompts_folder_must_be_a_saved_dataset(tmp_path, monkeypatch):
+    """A plain folder is an error (datasets would build a cache of it under ~/.cache); a save_to_disk folder loads
+    where it lies, with no cache written."""
+    import datasets
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "p.jsonl").write_text('{"prompt": "a"}\n')
+    with pytest.raises(AltError, match=r"plain: a folder, neither a prompt file nor a saved HF"):
+        common.load_prompts(str(plain))
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list([{"prompt": "a", "id": 7}, {"prompt": "b", "id": 8}]).save_to_disk(
+        str(saved)
+    )
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("cached a copy"))
+    want = [{"id": 7, "prompt": "a"}, {"id": 8, "prompt": "b"}]
+    assert common.load_prompts(str(saved)) == want
+    splits = tmp_path / "splits"
+    datasets.DatasetDict({"test": datasets.Dataset.from_list([{"prompt": "c"}])}).save_to_disk(
+        str(splits)
+    )
+    assert common.load_prompts(str(splits), split="test") == [{"id": 0, "prompt": "c"}]

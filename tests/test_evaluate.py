@@ -235,8 +235,19 @@ def test_generations_mode_uses_given_toxicity(tmp_path, capsys):
     ] == "news report"
     table = capsys.readouterr().out
     assert "avg_max_toxicity" in table and "0.6500" in table
-    # a rerun finds the output and does nothing; --baseline adds a delta column
-    evaluate.main(["--generations", gens, "--out", str(out), "--baseline", str(out)])
+    # a rerun of the same command finds the output and does nothing; --baseline adds a delta column
+    evaluate.main(
+        [
+            "--generations",
+            gens,
+            "--out",
+            str(out),
+            "--fluency-model",
+            "none",
+            "--baseline",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "done" in printed and "delta" in printed and "+0.0000" in printed
     assert json.loads((out / "eval.json").read_text()) == res

@@ -2,6 +2,7 @@
 kinds of bad input each give one clear line and exit code 2 (or a documented, counted skip); API faults through the
 loopback stubs end with retried items scored and permanently failed ones null, counted in the meta."""
 
+import errno
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import bookkeeping
 import evaluate
 import feedback
 import scorers
+from bookkeeping import AltError
 from conftest import ROOT, inject_nan_at_step, run_cli, tiny_texts
 from stub_servers import judge_target, openai_stub, perspective_stub
 
@@ -360,6 +362,8 @@ def test_more_bad_inputs_found_by_this_suite(tiny_model_dir, tmp_path, monkeypat
     ck = tmp_path / "t" / "checkpoint"
     shutil.copytree(tiny_model_dir, ck)  # weights fine, the resume state not
     (ck / "state.pt").write_bytes(b"not a torch file")
+    # a partial train.py run's folder: its stage record (written first) says so
+    bookkeeping.write_json(str(tmp_path / "t" / "stage.json"), {"stage": "train.py"})
     pool = jsonl(tmp_path / "pool.jsonl", pool_rows(8))
     fb = [
         "--method",
@@ -1067,3 +1071,176 @@ def test_pool_prompt_ids_are_checked_by_train_and_dpo(tmp_path, change, error):
         train.read_pool(pool, ("A", "B", "C"))
     with pytest.raises(bookkeeping.AltError, match=error):
         dpo.make_pairs(bookkeeping.read_jsonl(pool), pool)
+
+
+# ============================================================================= "done" means done
+def test_done_only_for_this_stages_output_under_the_same_settings(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """A stage says "done" only for its own finished output made with the same settings; any other file or folder at
+    --out is one line suggesting --overwrite (the old code said "done" for all of them)."""
+    gens = jsonl(
+        tmp_path / "g.jsonl",
+        [{"prompt_id": 0, "prompt": "a", "generation": " b", "toxicity": 0.1}],
+    )
+    ev = ["--generations", gens, "--out", str(tmp_path / "ev"), "--fluency-model", "none"]
+    assert run_cli("evaluate", ev, monkeypatch, capsys)[0] == 0
+    code, out, _ = run_cli("evaluate", ev, monkeypatch, capsys)
+    assert code == 0 and out.startswith("done")
+    code, out, err = run_cli("evaluate", [*ev, "--seed", "5"], monkeypatch, capsys)
+    assert code == 2 and "done" not in out
+    assert err.strip() == (
+        f"evaluate.py: error: {tmp_path / 'ev'} was made with other settings (--seed 5 (was 0)): "
+        "--overwrite to redo it, or another --out"
+    )
+    prompts = jsonl(tmp_path / "p.jsonl", [{"prompt": "the cat"}])
+    pool = jsonl(tmp_path / "pool.jsonl", pool_rows(4))  # no record: not sample.py's
+    smp = ["--model", tiny_model_dir, "--prompts", prompts, "--max-new-tokens", "2"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    samples = str(tmp_path / "s.jsonl")
+    assert run_cli("sample", [*smp, "--out", samples], monkeypatch, capsys)[0] == 0
+    no_output = "exists but is no output of"
+    for stage, argv, want in (
+        (
+            "sample",
+            [*smp, "--out", pool],
+            f"{pool} {no_output} sample.py (has no {pool}.stage.json)",
+        ),
+        (
+            "feedback",
+            ["--method", "alt-rm", "--samples", gens, "--out", samples, "--quantiles", "1"],
+            f"{samples} {no_output} feedback.py (was written by sample.py)",
+        ),
+        (
+            "evaluate",
+            [*ev[:3], str(foreign), *ev[4:]],
+            f"{foreign} {no_output} evaluate.py (has no {foreign / 'stage.json'})",
+        ),
+        (
+            "train",
+            ["--data", pool, "--model", tiny_model_dir, "--out", prompts],
+            f"{prompts} is a file; train.py writes a folder there",
+        ),
+    ):
+        code, out, err = run_cli(stage, argv, monkeypatch, capsys)
+        assert code == 2 and "done" not in out, (stage, out, err)
+        assert err.strip().split(": error: ", 1)[1].startswith(want), (stage, err)
+    assert (foreign / "notes.txt").read_text() == "mine" and sorted(os.listdir(foreign)) == [
+        "notes.txt"
+    ]
+
+
+# ============================================================================= write failures
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def temp_files(folder):
+    return [f for _, _, files in os.walk(folder) for f in files if f.endswith(".tmp")]
+
+
+def test_write_failures_are_one_line_and_keep_the_last_good_output(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """A full disk, a folder at --out, a read-only file system: one line naming the path and the OS reason, exit 2,
+    no temp file or checkpoint.tmp left, the previous output intact; a folder at --out fails before any work."""
+    good = tmp_path / "good.jsonl"
+    bookkeeping.write_jsonl(str(good), [{"a": 1}])
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", no_space)
+        with pytest.raises(AltError, match=rf"^{good}: cannot write \(No space left on device\)$"):
+            bookkeeping.write_jsonl(str(good), [{"a": 2}])
+        with open(tmp_path / "log.jsonl", "a") as fh:
+            with pytest.raises(AltError, match=r"log\.jsonl: cannot write \(No space left"):
+                bookkeeping.append_jsonl(fh, {"a": 1})
+    assert bookkeeping.read_jsonl(str(good)) == [{"a": 1}] and temp_files(tmp_path) == []
+
+    # a stage: sample.py --merge --overwrite on a full disk keeps the merged file it had
+    shard = sample_file_rows(["a", "b"])
+    for r in shard:
+        r["prompt_index"] = r["prompt_id"]
+    merged = tmp_path / "m" / "s.jsonl"
+    merged.parent.mkdir()
+    jsonl(tmp_path / "m" / "s.jsonl.shard-0-of-1", shard)
+    assert run_cli("sample", ["--merge", str(merged)], monkeypatch, capsys)[0] == 0
+    before = merged.read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", no_space)
+        code, _, err = run_cli("sample", ["--merge", str(merged), "--overwrite"], m, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.strip().endswith("cannot write (No space left on device)") and str(merged) in err
+    assert merged.read_bytes() == before and temp_files(tmp_path) == []
+
+    # an OSError from anywhere in a stage (a read-only file system): one line, not a traceback
+    def read_only():
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), "/ro/out.jsonl")
+
+    monkeypatch.setattr(sys, "argv", ["x.py"])
+    with pytest.raises(SystemExit) as exit_:
+        bookkeeping.cli(read_only)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "x.py: error: /ro/out.jsonl: Read-only file system\n"
+
+    # --out a folder: feedback.py stops before scoring a single row
+    samples = jsonl(tmp_path / "s.jsonl", sample_file_rows(["a", "b", "c"]))
+    (tmp_path / "pool.jsonl").mkdir()
+    monkeypatch.setattr(feedback, "make_scorer", lambda *a, **k: pytest.fail("scored rows"))
+    argv = ["--method", "alt-rm", "--samples", samples, "--out", str(tmp_path / "pool.jsonl")]
+    code, _, err = run_cli("feedback", [*argv, "--quantiles", "1"], monkeypatch, capsys)
+    assert code == 2 and err.strip() == (
+        f"feedback.py: error: {tmp_path / 'pool.jsonl'} is a folder; feedback.py writes a file there"
+    )
+
+    # the resume checkpoint: a full disk mid-save leaves no checkpoint.tmp and the last checkpoint as it was
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    run = tmp_path / "run"
+    bookkeeping.save_checkpoint(str(run), model, tok, {"step": 1})
+    kept = snapshot(run / "checkpoint")
+
+    def half_then_full(folder, **kwargs):
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, "model.safetensors"), "wb").write(b"half")
+        no_space()
+
+    monkeypatch.setattr(model, "save_pretrained", half_then_full)
+    with pytest.raises(AltError, match=r"checkpoint\.tmp: cannot write the checkpoint \(No space"):
+        bookkeeping.save_checkpoint(str(run), model, tok, {"step": 2})
+    assert sorted(os.listdir(run)) == ["checkpoint"] and snapshot(run / "checkpoint") == kept
+    assert torch.load(run / "checkpoint" / "state.pt", weights_only=True) == {"step": 1}
+
+
+# ============================================================================= broken model files
+def test_a_broken_model_file_is_named_with_its_fault(
+    tiny_model_dir, tiny_classifier, tmp_path, monkeypatch, capsys
+):
+    """A truncated model.safetensors or a bad config.json names the file and what is wrong with it, for a policy and
+    for an hf: scorer (the old line said "not a local model folder and not loadable from the Hub")."""
+    cut, bad_config, classifier = tmp_path / "cut", tmp_path / "bad_config", tmp_path / "cls"
+    for copy, source in ((cut, tiny_model_dir), (bad_config, tiny_model_dir)):
+        shutil.copytree(source, copy)
+    shutil.copytree(tiny_classifier[2], classifier)
+    for folder in (cut, classifier):
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (bad_config / "config.json").write_text('{"model_type": "gpt2",')
+    prompts = jsonl(tmp_path / "p.jsonl", [{"prompt": "the cat"}])
+    for model, want in (
+        (cut, f"{cut / 'model.safetensors'}: truncated or invalid safetensors file (Error while"),
+        (bad_config, f"{bad_config / 'config.json'}:1: malformed JSON"),
+    ):
+        argv = ["--model", str(model), "--prompts", prompts, "--out", str(tmp_path / "o.jsonl")]
+        code, _, err = run_cli("sample", argv, monkeypatch, capsys)
+        assert code == 2 and err.strip().startswith(
+            f"sample.py: error: cannot load model '{model}': {want}"
+        ), err
+    with pytest.raises(AltError, match="truncated or invalid safetensors") as e:
+        scorers.make_scorer(f"hf:{classifier}")
+    assert str(e.value).startswith(
+        f"cannot load classifier '{classifier}': {classifier / 'model.safetensors'}: "
+    )

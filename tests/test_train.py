@@ -325,19 +325,8 @@ def test_training_lowers_nll_and_writes_outputs(tiny_model_dir, tmp_path, monkey
     monkeypatch.setattr(
         common, "load_policy", lambda path, *a, **k: loads.append(path) or real(path, *a, **k)
     )
-    out = run_train(
-        tmp_path,
-        tiny_model_dir,
-        pool,
-        "--beta",
-        "0",
-        "--ref-model",
-        str(tmp_path / "no_such_model"),
-        "--epochs",
-        "3",
-        "--lr",
-        "3e-3",
-    )
+    flags = ["--beta", "0", "--ref-model", str(tmp_path / "no_such_model"), "--epochs", "3"]
+    out = run_train(tmp_path, tiny_model_dir, pool, *flags, "--lr", "3e-3")
     assert loads == [tiny_model_dir]  # β = 0: p_0 never loaded (its path does not even exist)
     summary = json.load(open(os.path.join(out, "train_summary.json")))
     assert (summary["method"], summary["tags"], summary["exemplar"]) == ("alt-rm", TAGS, TAGS[0])
@@ -359,11 +348,13 @@ def test_training_lowers_nll_and_writes_outputs(tiny_model_dir, tmp_path, monkey
     assert not os.path.exists(os.path.join(out, "checkpoint"))  # resume state removed once finished
     before = os.stat(os.path.join(out, "model.safetensors")).st_mtime_ns
     capsys.readouterr()
-    train.main(["--data", pool, "--model", tiny_model_dir, "--out", out])
+    run_train(tmp_path, tiny_model_dir, pool, *flags, "--lr", "3e-3")  # the same command: done
     assert (
         capsys.readouterr().out == "done\n"
         and os.stat(os.path.join(out, "model.safetensors")).st_mtime_ns == before
     )
+    with pytest.raises(AltError, match=r"made with other settings \(--lr 0.1 \(was 0.003\)\)"):
+        run_train(tmp_path, tiny_model_dir, pool, *flags, "--lr", "0.1")
 
 
 def test_grad_accum_and_checkpointing_match_one_big_batch_and_controllers_move(
