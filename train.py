@@ -21,12 +21,11 @@ Launch:
 Token layout: each prefix (condition(x, f) for p_θ, x alone for p_0) and y are tokenised apart and concatenated, so
 y's ids are identical in both encodings. A batch left-pads the prefixes and right-pads y: y starts in the same column
 P of every row, and one [B, R] response mask serves both models.
-Reading order: the flags, the data pieces, Equation 1, then main and its loop; the bookkeeping below main (output
-folder, launchers, log, summary, resume checkpoints) can be skipped.
+Reading order: the flags, the data pieces, Equation 1, then main and its loop; the helpers below main (output
+folder, model loading, optimizer, summary) can be skipped, and so can launch.py (process groups, DDP, DeepSpeed).
 """
 
 import argparse
-import contextlib
 import math
 import os
 import random
@@ -36,6 +35,7 @@ import torch
 
 import bookkeeping
 import common
+import launch
 from bookkeeping import AltError
 from common import meta_path
 
@@ -413,7 +413,7 @@ def main(argv=None):
         return
     from tqdm import tqdm
 
-    rank, world, device = setup_distributed(args)  # python, torchrun (DDP) or deepspeed
+    rank, world, device = launch.setup_distributed(args)  # python, torchrun (DDP) or deepspeed
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device != "cpu")
 
     # ---- data and models: D_k -> token ids; p_θ starts from --model (or the resume checkpoint), p_0 only if β > 0
@@ -449,15 +449,14 @@ def main(argv=None):
     if ck:
         state = bookkeeping.load_checkpoint(ck, fingerprint, optimizer, scheduler, rank)
         step, beta, alpha, zero = (state[k] for k in ("step", "beta", "alpha", "zero"))
-    fwd, optimizer, ctx, backward, update = wrap_model(
+    fwd, optimizer, ctx, backward, update = launch.wrap_model(
         args, model, optimizer, scheduler, zero, world, device, bf16
     )
-    ddp = world > 1 and not args.deepspeed
 
     # ---- the loop: one optimizer step per global batch; rank 0 alone writes the log, the checkpoints and the model
     log_path = os.path.join(args.out, "train_log.jsonl")
     log = bookkeeping.open_log(log_path, step) if rank == 0 else None
-    barrier()
+    launch.barrier()
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
     plan, row, pad, slots, t_start = {}, {}, 0, 0, time.time()
     while step < total_steps:
@@ -467,14 +466,13 @@ def main(argv=None):
         micro = micro_batches(examples, plan[epoch][b], rank, B, A, tok.pad_token_id)
         n_y, n_in, n_pad, n_slots = token_counts(micro)
         # each E of Equation 1 is a mean over the step's N response tokens (all micro-batches, all ranks)
-        n_resp = all_sum([n_y], device).item()
+        n_resp = launch.all_sum([n_y], device).item()
         # this rank's Σ nll, Σ kl, Σ entropy over the step, and its input tokens
         sums = torch.tensor([0, 0, 0, n_in], dtype=torch.float64)
         pad, slots = pad + n_pad, slots + n_slots
         for j, (pb, rb) in enumerate(micro):
             pb, rb = ({k: v.to(device) for k, v in x.items()} for x in (pb, rb))
-            if ddp:  # as nanoGPT: all-reduce the gradients on the last micro-batch only
-                fwd.require_backward_grad_sync = j == A - 1
+            launch.sync_grads(fwd, last=j == A - 1)  # DDP: all-reduce on the last micro-batch only
             with ctx:
                 # p_0 is fixed (not inference_mode: the KL saves its logits for backward)
                 with torch.no_grad():
@@ -485,7 +483,7 @@ def main(argv=None):
             L = (nll + beta * kl - alpha * entropy) * (world / n_resp)
             backward(L)
             sums[:3] += torch.stack([nll.detach(), kl.detach(), entropy.detach()]).double().cpu()
-        tot = all_sum(sums, device)
+        tot = launch.all_sum(sums, device)
         nll_m, kl_m, ent_m = (tot[:3] / n_resp).tolist()
         tokens = int(tot[3])
         total = nll_m + beta * kl_m - alpha * ent_m  # L of the step
@@ -497,22 +495,21 @@ def main(argv=None):
         row.update(beta=beta, alpha=alpha, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm)
         row.update(tokens=tokens, tokens_per_s=round(tokens / max(time.time() - t0, 1e-9), 1))
         beta, alpha = adapt(args, beta, alpha, kl_m, ent_m)
-        log_step(log, bar, row)
+        bookkeeping.log_row(log, bar, row, loss=f"{total:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         if step % args.save_every == 0 and step < total_steps:
-            save_state(args, model, tok, optimizer, scheduler, fingerprint, step, beta, alpha, rank)
+            state = dict(step=step, beta=beta, alpha=alpha, fingerprint=fingerprint)
+            launch.save_checkpoint(args, model, tok, optimizer, scheduler, state, rank)
     bar.close()
 
     # ---- outputs: the model, then the summary (its presence marks --out finished)
     if rank == 0:
         log.close()
         save_outputs(args, model, tok, meta, counts, fingerprint, row, pad, slots, t_start)
-    barrier()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    launch.close()
 
 
 # ----------------------------------------------------------------------------- bookkeeping
-# A reader may skip from here on: the output folder, the launchers, resume checkpoints, the log and the summary.
+# A reader may skip from here on: the output folder, the models, the optimizer, the summary, the fingerprint.
 def prepare_out(args):
     """True when --out is finished (its summary exists) and there is no --overwrite. Under --overwrite rank 0 first
     removes the old summary and resume state: a crashed rerun must not look finished, nor resume the old run."""
@@ -523,49 +520,6 @@ def prepare_out(args):
     )
     done = [os.path.join(args.out, "train_summary.json")]
     return bookkeeping.finished("train.py", args.out, args, done, done, "done")
-
-
-def setup_distributed(args):
-    """-> (rank, world, device). torchrun and the deepspeed launcher set RANK, WORLD_SIZE and LOCAL_RANK; a plain
-    `python train.py` is a world of one. DDP's process group (gloo on CPU, nccl on GPU) or DeepSpeed's starts here."""
-    if args.deepspeed:
-        try:
-            import deepspeed
-        except ImportError:
-            raise AltError(
-                "--deepspeed needs the deepspeed package (pip install --no-build-isolation -r "
-                "requirements-dist.txt)"
-            ) from None
-        if not os.path.isfile(args.deepspeed):
-            raise AltError(f"{args.deepspeed}: DeepSpeed config not found")
-        for k, v in dict(
-            RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500
-        ).items():
-            # a plain `python train.py --deepspeed` is a 1-process world
-            os.environ.setdefault(k, str(v))
-    rank, world, local = (int(os.environ.get(k, 0)) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    world, cuda = max(world, 1), torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(local)
-    if args.deepspeed:
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    elif world > 1:
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    return rank, world, f"cuda:{local}" if cuda else "cpu"
-
-
-def barrier():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def all_sum(values, device):
-    """Σ over ranks in float64 (a list or a tensor -> a CPU tensor); NCCL reduces only GPU tensors."""
-    t = torch.as_tensor(values, dtype=torch.float64)
-    if torch.distributed.is_initialized():
-        t = t.to(device)
-        torch.distributed.all_reduce(t)
-    return t.cpu()
 
 
 def load_models(args, ck, extra, device, bf16):
@@ -613,70 +567,6 @@ def adamw(args, model, total_steps):
     return optimizer, scheduler
 
 
-def wrap_model(args, model, optimizer, scheduler, zero, world, device, bf16):
-    """The one place where python, torchrun (DDP) and deepspeed differ -> (fwd, optimizer, ctx, backward, update):
-    fwd     p_θ's forward: `model` itself, DDP around it, or DeepSpeed's engine;
-    ctx     the precision context: bf16 autocast or nothing (nothing where DeepSpeed keeps bf16 weights itself);
-    backward(L)  adds L's gradients, under ctx like the forward (train.py's autograd has always run under the
-            autocast, and bf16 runs' numbers depend on it);
-    update()     the optimizer step (clip, AdamW, schedule, zero the gradients) -> the gradient norm or None.
-    Under DeepSpeed the optimizer becomes its ZeRO wrapper, loaded with `zero` (a resumed shard) if given."""
-    if args.deepspeed:
-        A = args.grad_accum
-        want = dict(
-            train_micro_batch_size_per_gpu=args.batch_size,
-            gradient_accumulation_steps=A,
-            train_batch_size=args.batch_size * A * world,
-            gradient_clipping=args.max_grad_norm or 0.0,
-        )
-        engine, optimizer, _, ds_bf16 = deepspeed_engine(
-            args.deepspeed, model, optimizer, scheduler, want, bf16
-        )
-        if zero:
-            zero_state(optimizer, load=zero)
-        ctx = precision(device, bf16 and not ds_bf16)
-
-        def backward(loss):
-            with ctx:
-                engine.backward(loss * A)  # DeepSpeed divides by gradient_accumulation_steps
-                if not engine.is_gradient_accumulation_boundary():
-                    engine.step()  # counts the micro-batch; the boundary's step() is update()'s
-
-        def update():
-            with ctx:
-                engine.step()  # at the accumulation boundary: clip, AdamW, schedule
-            norm = engine.get_global_grad_norm()
-            return None if norm is None else float(norm)
-
-        return engine, optimizer, ctx, backward, update
-
-    fwd, ctx = model, precision(device, bf16)
-    if world > 1:
-        ids = None if device == "cpu" else [torch.device(device).index]
-        fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-    def backward(loss):
-        with ctx:
-            loss.backward()
-
-    def update():
-        clip = args.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip) if clip else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return None if norm is None else float(norm)
-
-    return fwd, optimizer, ctx, backward, update
-
-
-def precision(device, bf16):
-    """The run's one precision context, entered again for each micro-batch: bf16 autocast, or nothing (fp32)."""
-    return (
-        torch.autocast(device.split(":")[0], torch.bfloat16) if bf16 else contextlib.nullcontext()
-    )
-
-
 def nonfinite_loss(total, step, out, bar):
     """The error that stops a run whose step loss is NaN/Inf, before the step's update; closes the progress bar so
     that the error is the last line the user sees."""
@@ -688,112 +578,32 @@ def nonfinite_loss(total, step, out, bar):
     )
 
 
-def log_step(log, bar, row):
-    """Rank 0 (the one holding the log) appends the step's row and moves the progress bar."""
-    if log is not None:
-        bookkeeping.append_jsonl(log, row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['total']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-
-
 def save_outputs(args, model, tok, meta, counts, fingerprint, final, pad, slots, t_start):
-    """Rank 0, once trained: the model and tokenizer, then train_summary.json (its presence marks --out finished),
-    then the resume state goes."""
-    model.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
-    bookkeeping.write_json(
-        os.path.join(args.out, "train_summary.json"),
-        dict(
-            method=meta.get("method"),
-            tags=meta.get("tags") or None,
-            exemplar=meta.get("exemplar"),
-            data=args.data,
-            model=args.model,
-            ref_model=(args.ref_model or args.model) if args.beta > 0 else None,
-            counts=counts,
-            examples=fingerprint["examples"],
-            steps=fingerprint["steps"],
-            epochs=args.epochs,
-            global_batch=fingerprint["global_batch"],
-            world_size=fingerprint["world"],
-            deepspeed=args.deepspeed,
-            final=final,
-            padding_share=round(pad / max(slots, 1), 4),
-            train_seconds=round(time.time() - t_start, 1),
-            args=vars(args),
-        ),
+    """Rank 0, once trained: the model, then train_summary.json (its presence marks --out finished)."""
+    ref_model = (args.ref_model or args.model) if args.beta > 0 else None
+    summary = dict(method=meta.get("method"), tags=meta.get("tags") or None)
+    summary.update(exemplar=meta.get("exemplar"), data=args.data, model=args.model)
+    summary.update(ref_model=ref_model, counts=counts, examples=fingerprint["examples"])
+    summary.update(steps=fingerprint["steps"], epochs=args.epochs)
+    summary.update(global_batch=fingerprint["global_batch"], world_size=fingerprint["world"])
+    summary.update(
+        deepspeed=args.deepspeed, final=final, padding_share=round(pad / max(slots, 1), 4)
     )
-    bookkeeping.remove_checkpoint(args.out)
+    path = os.path.join(args.out, "train_summary.json")
+    bookkeeping.save_trained(args.out, model, tok, path, summary, t_start, args)
     print(
         f"train.py: {fingerprint['steps']} steps on {fingerprint['examples']} rows -> {args.out} "
         f"(final loss {final['total']:.4f})"
     )
 
 
-# ----------------------------------------------------------------------------- checkpoints (resume)
 def run_fingerprint(args, n_examples, global_batch, world, steps):
     """What a resume checkpoint must agree with: the data, its size and the step layout, lr and seed."""
-    return dict(
-        data=os.path.abspath(args.data),
-        examples=n_examples,
-        global_batch=global_batch,
-        world=world,
-        steps=steps,
-        lr=args.lr,
-        seed=args.seed,
+    fingerprint = dict(
+        data=os.path.abspath(args.data), examples=n_examples, global_batch=global_batch
     )
-
-
-def save_state(args, model, tok, optimizer, scheduler, fingerprint, step, beta, alpha, rank):
-    """The resume checkpoint after `step`: weights, step, β, α, schedule and optimizer (under DeepSpeed, each rank's
-    ZeRO shard instead: zero_state)."""
-    state = dict(
-        step=step,
-        beta=beta,
-        alpha=alpha,
-        fingerprint=fingerprint,
-        scheduler=scheduler.state_dict(),
-    )
-    if not args.deepspeed:
-        state["optimizer"] = optimizer.state_dict()
-    zero = zero_state(optimizer) if args.deepspeed else None
-    bookkeeping.save_checkpoint(args.out, model, tok, state, rank, barrier, zero)
-
-
-def zero_state(optimizer, load=None):
-    """This rank's ZeRO shard as plain tensors: the inner AdamW state and the fp32 master partition. DeepSpeed's own
-    checkpoint pickles Python objects, which a resume would have to unpickle; these load with weights_only=True."""
-    # ZeRO-1/2 wrap our AdamW; stage 0 hands it back as it is
-    inner = getattr(optimizer, "optimizer", optimizer)
-    parts = getattr(optimizer, "single_partition_of_fp32_groups", [])
-    if load is None:
-        return {"adam": inner.state_dict(), "fp32": [t.detach().cpu() for t in parts]}
-    inner.load_state_dict(load["adam"])
-    for mine, saved in zip(parts, load["fp32"]):
-        mine.data.copy_(saved)
-
-
-def deepspeed_engine(path, model, optimizer, scheduler, want, bf16):
-    """deepspeed.initialize around our model/AdamW/schedule; "auto" config values come from the flags (`want`)."""
-    import deepspeed
-
-    cfg = bookkeeping.read_json(path)
-    for k, v in want.items():
-        if cfg.setdefault(k, "auto") == "auto":
-            cfg[k] = v
-        elif cfg[k] != v:
-            raise AltError(f'{path}: {k}={cfg[k]} disagrees with the flags ({v}); set it to "auto"')
-    if cfg.get("zero_optimization", {}).get("stage", 0) == 3:
-        raise AltError(
-            f"{path}: ZeRO stage 3 is not supported (its sharded weights would need gathering to save)"
-        )
-    for k in ("bf16", "fp16"):
-        if cfg.get(k, {}).get("enabled") == "auto":
-            cfg[k]["enabled"] = bf16 and k == "bf16"
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg
-    )
-    return engine, optimizer, scheduler, bool(cfg.get("bf16", {}).get("enabled"))
+    fingerprint.update(world=world, steps=steps, lr=args.lr, seed=args.seed)
+    return fingerprint
 
 
 if __name__ == "__main__":
