@@ -1,8 +1,8 @@
 """launch.py: process groups, DDP, DeepSpeed, precision; a reader of ALT may skip it.
 
-How train.py runs under python, torchrun (DDP) and deepspeed: the process group, the model wrapper, bf16 autocast,
-the optimizer step, and the optimizer's share of a resume checkpoint (under DeepSpeed, each rank's ZeRO shard).
-None of it changes Equation 1.
+How train.py runs under python, torchrun (DDP) and deepspeed: the process group, the model
+wrapper, bf16 autocast, the optimizer step, and the optimizer's share of a resume checkpoint (under
+DeepSpeed, each rank's ZeRO shard). None of it changes Equation 1.
 """
 
 import contextlib
@@ -15,8 +15,9 @@ from bookkeeping import AltError
 
 
 def setup_distributed(args):
-    """-> (rank, world, device). torchrun and the deepspeed launcher set RANK, WORLD_SIZE and LOCAL_RANK; a plain
-    `python train.py` is a world of one. DDP's process group (gloo on CPU, nccl on GPU) or DeepSpeed's starts here."""
+    """-> (rank, world, device). torchrun and the deepspeed launcher set RANK, WORLD_SIZE and
+    LOCAL_RANK; a plain `python train.py` is a world of one. DDP's process group (gloo on CPU, nccl
+    on GPU) or DeepSpeed's starts here."""
     if args.deepspeed:
         try:
             import deepspeed
@@ -49,7 +50,7 @@ def barrier():
 
 
 def all_sum(values, device):
-    """Σ over ranks in float64 (a list or a tensor -> a CPU tensor); NCCL reduces only GPU tensors."""
+    """Σ over ranks in float64 (a list or a tensor -> a CPU tensor); NCCL reduces GPU tensors."""
     t = torch.as_tensor(values, dtype=torch.float64)
     if torch.distributed.is_initialized():
         t = t.to(device)
@@ -58,7 +59,8 @@ def all_sum(values, device):
 
 
 def sync_grads(fwd, last):
-    """As nanoGPT: DDP all-reduces the gradients on the last micro-batch of a step only (set before its forward)."""
+    """As nanoGPT: DDP all-reduces the gradients on a step's last micro-batch only (set before its
+    forward)."""
     if isinstance(fwd, torch.nn.parallel.DistributedDataParallel):
         fwd.require_backward_grad_sync = last
 
@@ -71,13 +73,17 @@ def close():
 
 
 def wrap_model(args, model, optimizer, scheduler, zero, world, device, bf16):
-    """The one place where python, torchrun (DDP) and deepspeed differ -> (fwd, optimizer, ctx, backward, update):
+    """The one place where python, torchrun (DDP) and deepspeed differ
+    -> (fwd, optimizer, ctx, backward, update):
     fwd     p_θ's forward: `model` itself, DDP around it, or DeepSpeed's engine;
-    ctx     the precision context: bf16 autocast or nothing (nothing where DeepSpeed keeps bf16 weights itself);
-    backward(L)  adds L's gradients, under ctx like the forward (train.py's autograd has always run under the
-            autocast, and bf16 runs' numbers depend on it);
-    update()     the optimizer step (clip, AdamW, schedule, zero the gradients) -> the gradient norm or None.
-    Under DeepSpeed the optimizer becomes its ZeRO wrapper, loaded with `zero` (a resumed shard) if given."""
+    ctx     the precision context: bf16 autocast or nothing (nothing where DeepSpeed keeps bf16
+            weights itself);
+    backward(L)  adds L's gradients, under ctx like the forward (train.py's autograd has always run
+            under the autocast, and bf16 runs' numbers depend on it);
+    update()     the optimizer step (clip, AdamW, schedule, zero the gradients) -> the gradient norm
+            or None.
+    Under DeepSpeed the optimizer becomes its ZeRO wrapper, loaded with `zero` (a resumed shard) if
+    given."""
     if args.deepspeed:
         A = args.grad_accum
         want = dict(
@@ -123,14 +129,14 @@ def wrap_model(args, model, optimizer, scheduler, zero, world, device, bf16):
 
 
 def precision(device, bf16):
-    """The run's one precision context, entered again for each micro-batch: bf16 autocast, or nothing (fp32)."""
+    """The run's one precision context, entered for each micro-batch: bf16 autocast or nothing."""
     return (
         torch.autocast(device.split(":")[0], torch.bfloat16) if bf16 else contextlib.nullcontext()
     )
 
 
 def optimizer_step(model, optimizer, scheduler, clip=None):
-    """Clip the gradient norm (if `clip`), step the optimizer and the schedule, zero the gradients -> the norm or None."""
+    """Clip (if `clip`), step the optimizer and schedule, zero the gradients -> the norm or None."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip) if clip else None
     optimizer.step()
     scheduler.step()
@@ -139,8 +145,9 @@ def optimizer_step(model, optimizer, scheduler, clip=None):
 
 
 def save_checkpoint(args, model, tok, optimizer, scheduler, state, rank):
-    """The resume checkpoint in --out: `state`, the weights, the schedule and the optimizer (under DeepSpeed, each
-    rank's ZeRO shard instead: zero_state), written by every rank through bookkeeping.save_checkpoint."""
+    """The resume checkpoint in --out: `state`, the weights, the schedule and the optimizer (under
+    DeepSpeed, each rank's ZeRO shard instead: zero_state), written by every rank through
+    bookkeeping.save_checkpoint."""
     state["scheduler"] = scheduler.state_dict()
     if not args.deepspeed:
         state["optimizer"] = optimizer.state_dict()
@@ -149,8 +156,9 @@ def save_checkpoint(args, model, tok, optimizer, scheduler, state, rank):
 
 
 def zero_state(optimizer, load=None):
-    """This rank's ZeRO shard as plain tensors: the inner AdamW state and the fp32 master partition. DeepSpeed's own
-    checkpoint pickles Python objects, which a resume would have to unpickle; these load with weights_only=True."""
+    """This rank's ZeRO shard as plain tensors: the inner AdamW state and the fp32 master partition.
+    DeepSpeed's own checkpoint pickles Python objects, which a resume would have to unpickle; these
+    load with weights_only=True."""
     # ZeRO-1/2 wrap our AdamW; stage 0 hands it back as it is
     inner = getattr(optimizer, "optimizer", optimizer)
     parts = getattr(optimizer, "single_partition_of_fp32_groups", [])
@@ -162,7 +170,7 @@ def zero_state(optimizer, load=None):
 
 
 def deepspeed_engine(path, model, optimizer, scheduler, want, bf16):
-    """deepspeed.initialize around our model/AdamW/schedule; "auto" config values come from the flags (`want`)."""
+    """deepspeed.initialize around our model/AdamW/schedule; "auto" config values from `want`."""
     import deepspeed
 
     cfg = bookkeeping.read_json(path)
@@ -173,7 +181,8 @@ def deepspeed_engine(path, model, optimizer, scheduler, want, bf16):
             raise AltError(f'{path}: {k}={cfg[k]} disagrees with the flags ({v}); set it to "auto"')
     if cfg.get("zero_optimization", {}).get("stage", 0) == 3:
         raise AltError(
-            f"{path}: ZeRO stage 3 is not supported (its sharded weights would need gathering to save)"
+            f"{path}: ZeRO stage 3 is not supported "
+            "(its sharded weights would need gathering to save)"
         )
     for k in ("bf16", "fp16"):
         if cfg.get(k, {}).get("enabled") == "auto":
