@@ -19,6 +19,7 @@ import random
 import shutil
 import sys
 import tempfile
+import time
 
 # os.umask reads it only by setting it: once, here, as later it would race with threads making files
 UMASK = os.umask(0)
@@ -204,6 +205,15 @@ def open_log(path, upto, key="step"):
     return open_journal(path, keep=lambda row: row.get(key, 0) <= upto)[1]
 
 
+def log_row(fh, bar, row, **postfix):
+    """A trainer's step: append `row` to its log and move its progress bar; a rank without the log (fh None) does
+    nothing."""
+    if fh is not None:
+        append_jsonl(fh, row)
+        bar.update(1)
+        bar.set_postfix(**postfix)
+
+
 # flags that change how a stage runs or what it prints, never what it writes
 NOT_SETTINGS = ("out", "overwrite", "no_progress", "baseline", "local_rank", "qps", "concurrency")
 
@@ -322,6 +332,16 @@ def save_checkpoint(
         os.replace(tmp, ck)
         shutil.rmtree(ck + ".old", ignore_errors=True)
     barrier()
+
+
+def save_trained(out, model, tok, summary_path, summary, t_start, args):
+    """A trainer's end (rank 0): the model and tokenizer in OUT, then `summary` with train_seconds (since t_start)
+    and args at summary_path (its presence marks OUT finished), then the resume checkpoint goes."""
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    summary.update(train_seconds=round(time.time() - t_start, 1), args=vars(args))
+    write_json(summary_path, summary)
+    remove_checkpoint(out)
 
 
 def find_checkpoint(out, name="checkpoint"):

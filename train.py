@@ -1,32 +1,37 @@
 """train.py: stage 3 of ALT (Algorithm 1), θ_k ← argmin_θ L_θ on the datapool D, in one plain PyTorch loop.
 
-Equation 1 (x the prompt, y the generation, f its textual feedback, p_θ the policy, p_0 the initial model):
-    L_θ = E_(x,y,f)~D [ −log p_θ(y | f, x) ]                      # NLL, on y's tokens only
-        + β · E [ KL( p_0(· | x, y<t) ‖ p_θ(· | f, x, y<t) ) ]     # the reference p_0 sees NO feedback
-        − α · E [ H( p_θ(· | f, x, y<t) ) ]                      # entropy bonus
-Every E is a token-level mean over the response tokens of one optimizer step (all micro-batches, all ranks), as in
-the official toxicity trainer; KL and H are exact sums over the full vocabulary, taken only at response positions.
+Equation 1 (x the prompt, y the generation, f its textual feedback, p_θ the policy, p_0 the
+initial model):
+    L_θ = E_(x,y,f)~D [ −log p_θ(y | f, x) ]                   # NLL, on y's tokens only
+        + β · E [ KL( p_0(· | x, y<t) ‖ p_θ(· | f, x, y<t) ) ]  # the reference p_0 sees NO feedback
+        − α · E [ H( p_θ(· | f, x, y<t) ) ]                   # entropy bonus
+Every E is a token-level mean over the response tokens of one optimizer step (all micro-batches,
+all ranks), as in the official toxicity trainer; KL and H are exact sums over the full vocabulary,
+taken only at response positions.
 
-Input  --data POOL.jsonl: datapool rows (common.py schema; uses prompt_id, prompt, generation, feedback, truncated);
-       feedback=null rows are skipped and counted. The sidecar POOL.meta.json (method, tags, exemplar) if present.
-Output --out DIR: save_pretrained (safetensors) + tokenizer (with ALT's added tokens); DIR/train_log.jsonl, a row
-       per step {step, epoch, nll, kl, entropy, total, beta, alpha, lr, grad_norm, tokens, tokens_per_s};
-       DIR/train_summary.json (method, tags, exemplar from the meta; counts; final row). DIR/checkpoint/ holds the
-       resume state while running; a finished DIR (its summary exists) makes a rerun print "done".
+Input  --data POOL.jsonl: datapool rows (common.py schema; uses prompt_id, prompt, generation,
+       feedback, truncated); feedback=null rows are skipped and counted. The sidecar
+       POOL.meta.json (method, tags, exemplar) if present.
+Output --out DIR: save_pretrained (safetensors) + tokenizer (with ALT's added tokens);
+       DIR/train_log.jsonl, a row per step {step, epoch, nll, kl, entropy, total, beta, alpha,
+       lr, grad_norm, tokens, tokens_per_s}; DIR/train_summary.json (method, tags, exemplar from
+       the meta; counts; final row). DIR/checkpoint/ holds the resume state while running; a
+       finished DIR (its summary exists) makes a rerun print "done".
 Launch:
-    python train.py --data runs/x/iter_2/pool.jsonl --model runs/x/iter_1/model --ref-model toy/model \
-        --out runs/x/iter_2/model --beta 0.05 --alpha 0.06
+    python train.py --data runs/x/iter_2/pool.jsonl --model runs/x/iter_1/model \
+        --ref-model toy/model --out runs/x/iter_2/model --beta 0.05 --alpha 0.06
     torchrun --nproc_per_node 2 train.py ...                      # DDP: gloo on CPU, nccl on GPU
     deepspeed --num_gpus 2 train.py --deepspeed configs/ds_zero2.json ...
-Token layout: each prefix (condition(x, f) for p_θ, x alone for p_0) and y are tokenised apart and concatenated, so
-y's ids are identical in both encodings. A batch left-pads the prefixes and right-pads y: y starts in the same column
-P of every row, and one [B, R] response mask serves both models.
-Reading order: the flags, the data pieces, Equation 1, then main and its loop; the bookkeeping below main (output
-folder, launchers, log, summary, resume checkpoints) can be skipped.
+Token layout: each prefix (condition(x, f) for p_θ, x alone for p_0) and y are tokenised apart
+and concatenated, so y's ids are identical in both encodings. A batch left-pads the prefixes and
+right-pads y: y starts in the same column P of every row, and one [B, R] response mask serves
+both models.
+Reading order: the flags, the data pieces, Equation 1, then main and its loop; the helpers below
+main (output folder, models, optimizer, summary) and launch.py (process groups, DDP, DeepSpeed)
+can be skipped.
 """
 
 import argparse
-import contextlib
 import math
 import os
 import random
@@ -36,6 +41,7 @@ import torch
 
 import bookkeeping
 import common
+import launch
 from bookkeeping import AltError
 from common import meta_path
 
@@ -186,7 +192,7 @@ def parse_args(argv=None):
     return a
 
 
-# ----------------------------------------------------------------------------- data: D_k -> token ids
+# ------------------------------------------------------------------------- data: D_k -> token ids
 def read_meta(pool, expect_method=None):
     """POOL's sidecar meta ({} when absent): method, tags (the feedback vocabulary), exemplar."""
     path = meta_path(pool)
@@ -200,7 +206,7 @@ def read_meta(pool, expect_method=None):
 
 
 def read_pool(path, tags=None, per_category=None, drop_truncated=False, max_samples=None, seed=0):
-    """D_k -> (rows to train on, counts). Every skip is counted; a feedback outside the meta's tags is an error."""
+    """D_k -> (rows to train on, counts). Skips are counted; a feedback not in tags: error."""
     required = ("prompt", "generation", "feedback")
     rows = bookkeeping.read_jsonl(path, required, schema=common.POOL_ROW, numbered=True)
     counts = dict(
@@ -246,19 +252,24 @@ def read_pool(path, tags=None, per_category=None, drop_truncated=False, max_samp
 
 
 def pack(prefix_ids, response_ids, eos_id, bos_id, max_length):
-    """(prefix ids, y ids) -> the pair the model sees: eos_id (None: no EOS target) closes y; an over-long pair keeps
-    y (cut to max_length - 1) and the end of the prefix; an empty prefix becomes BOS (y_1 needs a context)."""
+    """(prefix ids, y ids) -> the pair the model sees: eos_id (None: no EOS target) closes y; an
+    over-long pair keeps y (cut to max_length - 1) and the end of the prefix; an empty prefix
+    becomes BOS (y_1 needs a context)."""
     resp = (list(response_ids) + ([] if eos_id is None else [eos_id]))[: max_length - 1]
     pre = list(prefix_ids)[-(max_length - len(resp)) :] or [bos_id]
     return pre, resp
 
 
 def encode_rows(rows, tokenizer, max_length, reference=True, eos_target=False):
-    """Pool rows -> [{"prefix": condition(x, f) ids, "ref_prefix": x ids (p_0's, if reference), "response": y ids,
-    "x_len": x's length}]. The prefix and y are tokenised apart, so y's ids are the same under both prefixes."""
+    """Pool rows -> [{"prefix": condition(x, f) ids, "ref_prefix": x ids (p_0's, if reference),
+    "response": y ids, "x_len": x's length}]. The prefix and y are tokenised apart, so y's ids are
+    the same under both prefixes."""
     eos = tokenizer.eos_token_id
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
-    tok = lambda texts, special=True: tokenizer(texts, add_special_tokens=special)["input_ids"]  # noqa: E731
+
+    def tok(texts, special=True):
+        return tokenizer(texts, add_special_tokens=special)["input_ids"]
+
     pre = tok([common.condition(r["prompt"], r.get("feedback")) for r in rows])
     ref = tok([r["prompt"] for r in rows])
     ys = tok([r["generation"] for r in rows], special=False)  # y continues the prefix: no BOS
@@ -284,8 +295,9 @@ def encode_rows(rows, tokenizer, max_length, reference=True, eos_target=False):
 
 
 def collate(pairs, pad_id):
-    """[(prefix ids, y ids)] -> prefix left-padded, y right-padded (y starts at column P in every row):
-    input_ids/attention_mask/position_ids [B, P+R]; targets (y) and resp_mask (real y tokens) [B, R]."""
+    """[(prefix ids, y ids)] -> prefix left-padded, y right-padded (y starts at column P in every
+    row): input_ids/attention_mask/position_ids [B, P+R]; targets (y) and resp_mask (real y tokens)
+    [B, R]."""
     P, R = max(len(p) for p, _ in pairs), max(len(y) for _, y in pairs)
     ids = torch.full((len(pairs), P + R), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -302,10 +314,11 @@ def collate(pairs, pad_id):
 
 
 def plan_epoch(examples, global_batch, epoch, seed, window=4):
-    """Length-bucketed global batches for one epoch, identical on every rank: drop a random remainder, sort by x's
-    length, re-sort each window of `window` batches by y length (both pads count), cut, shuffle the batch order.
-    Sorting by x, not by condition(x, f), matters: f's length differs by tag, and sorting on it would group batches
-    by tag, so each step would see one kind of feedback instead of the contrast between them."""
+    """Length-bucketed global batches for one epoch, identical on every rank: drop a random
+    remainder, sort by x's length, re-sort each window of `window` batches by y length (both pads
+    count), cut, shuffle the batch order. Sorting by x, not by condition(x, f), matters: f's length
+    differs by tag, and sorting on it would group batches by tag, so each step would see one kind of
+    feedback instead of the contrast between them."""
     rng = random.Random(f"{seed}-{epoch}")
     idx = list(range(len(examples)))
     rng.shuffle(idx)
@@ -322,8 +335,9 @@ def plan_epoch(examples, global_batch, epoch, seed, window=4):
 
 
 def micro_batches(examples, batch, rank, B, A, pad_id):
-    """This rank's share of one global batch -> its A micro-batches of B rows, each a pair (p_θ's batch:
-    condition(x, f) + y, p_0's batch: x + y); without p_0 (β = 0: no "ref_prefix") the pair holds p_θ's twice."""
+    """This rank's share of one global batch -> its A micro-batches of B rows, each a pair (p_θ's
+    batch: condition(x, f) + y, p_0's batch: x + y); without p_0 (β = 0: no "ref_prefix") the pair
+    holds p_θ's twice."""
     mine = [examples[i] for i in batch[rank * B * A : (rank + 1) * B * A]]
     micro = [mine[j * B : (j + 1) * B] for j in range(A)]
     pol = [collate([(e["prefix"], e["response"]) for e in m], pad_id) for m in micro]
@@ -346,8 +360,9 @@ def token_counts(micro):
 
 # ----------------------------------------------------------------------------- Equation 1
 def response_logits(model, batch, vocab=None):
-    """Logits predicting each response token y_t from (prefix, y<t): [B, R, V] (lm head applied from column P-1 on).
-    vocab: keep only the first `vocab` columns (train.py drops ALT's control tokens, which sampling never draws)."""
+    """Logits predicting each response token y_t from (prefix, y<t): [B, R, V] (head from P-1 on).
+    vocab: keep only the first `vocab` columns (train.py drops ALT's control tokens, which sampling
+    never draws)."""
     R = batch["targets"].shape[1]
     out = model(
         input_ids=batch["input_ids"],
@@ -360,14 +375,15 @@ def response_logits(model, batch, vocab=None):
 
 
 def response_logprobs(model, batch):
-    """log p(y_t | prefix, y<t) per response token [B, R], 0 at padding (sum over dim 1 = the sequence log-prob)."""
+    """log p(y_t | prefix, y<t) per response token [B, R], 0 at padding (dim-1 sum: log p(y))."""
     logp = torch.log_softmax(response_logits(model, batch).float(), -1)
     return logp.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1) * batch["resp_mask"]
 
 
 def alt_loss(logits, ref_logits, targets, resp_mask, eos=None):
-    """Equation 1's three sums over a micro-batch's N response tokens -> (nll, kl, entropy), 0-d tensors.
-    eos: an id to leave out of the NLL's softmax (−log p_θ(y_t | f, x, y<t, no stop)); None: full softmax."""
+    """Equation 1's three sums over a micro-batch's N response tokens -> 0-d (nll, kl, entropy).
+    eos: an id to leave out of the NLL's softmax (−log p_θ(y_t | f, x, y<t, no stop)); None: full
+    softmax."""
     logp = torch.log_softmax(logits[resp_mask].float(), -1)  # [N, V]: real response positions only
     # NLL term: −log p_θ(y_t | f, x, y<t)
     nll = -logp.gather(-1, targets[resp_mask].unsqueeze(-1)).sum()
@@ -384,9 +400,10 @@ def alt_loss(logits, ref_logits, targets, resp_mask, eos=None):
 
 
 def sampled_vocab(model, tok, name):
-    """The V of Equation 1 -> how many leading vocabulary columns to keep (None: all). NLL, KL and H are taken over the
-    tokens sampling can draw: ALT's control tokens (the separator, Quark's quantiles) are added last to the vocabulary
-    and suppressed by sample.py, so their columns are dropped."""
+    """The V of Equation 1 -> how many leading vocabulary columns to keep (None: all). NLL, KL and H
+    are taken over the tokens sampling can draw: ALT's control tokens (the separator, Quark's
+    quantiles) are added last to the vocabulary and suppressed by sample.py, so their columns are
+    dropped."""
     control = common.control_token_ids(tok)
     last = list(range(len(tok) - len(control), len(tok)))
     if control != last or model.config.vocab_size != len(tok):
@@ -397,8 +414,9 @@ def sampled_vocab(model, tok, name):
 
 
 def adapt(args, beta, alpha, kl, ent):
-    """Optional adaptive β and α for the next step (the paper keeps both fixed): clipped multiplicative steps toward
-    --target-kl and --target-entropy (Ziegler et al.'s KL rule), from this step's per-token KL and entropy."""
+    """Optional adaptive β and α for the next step (the paper keeps both fixed): clipped
+    multiplicative steps toward --target-kl and --target-entropy (Ziegler et al.'s KL rule), from
+    this step's per-token KL and entropy."""
     if args.target_kl:
         beta *= math.exp(args.controller_rate * max(-0.2, min(0.2, kl / args.target_kl - 1)))
     if args.target_entropy:
@@ -406,17 +424,17 @@ def adapt(args, beta, alpha, kl, ent):
     return beta, alpha
 
 
-# ----------------------------------------------------------------------------- main: θ_k ← argmin_θ L_θ
+# ------------------------------------------------------------------------- main: θ_k ← argmin_θ L_θ
 def main(argv=None):
     args = parse_args(argv)
     if prepare_out(args):  # --out is finished (its summary exists) and no --overwrite
         return
     from tqdm import tqdm
 
-    rank, world, device = setup_distributed(args)  # python, torchrun (DDP) or deepspeed
+    rank, world, device = launch.setup_distributed(args)  # python, torchrun (DDP) or deepspeed
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device != "cpu")
 
-    # ---- data and models: D_k -> token ids; p_θ starts from --model (or the resume checkpoint), p_0 only if β > 0
+    # ---- data and models: D_k -> token ids; p_θ from --model (or the resume state), p_0 if β > 0
     meta = read_meta(args.data, args.expect_method)
     tags = meta.get("tags") or []
     rows, counts = read_pool(
@@ -440,7 +458,7 @@ def main(argv=None):
     steps_per_epoch = len(examples) // G
     total_steps = steps_per_epoch * args.epochs
 
-    # ---- optimisation: AdamW + linear warmup/decay, the resume state, then DDP or DeepSpeed around the model
+    # ---- optimisation: AdamW + linear warmup/decay, the resume state, DDP or DeepSpeed around it
     optimizer, scheduler = adamw(args, model, total_steps)
     fingerprint = run_fingerprint(args, len(examples), G, world, total_steps)
     # dropout differs by rank; a resume restores the RNG
@@ -449,15 +467,14 @@ def main(argv=None):
     if ck:
         state = bookkeeping.load_checkpoint(ck, fingerprint, optimizer, scheduler, rank)
         step, beta, alpha, zero = (state[k] for k in ("step", "beta", "alpha", "zero"))
-    fwd, optimizer, ctx, backward, update = wrap_model(
+    fwd, optimizer, ctx, backward, update = launch.wrap_model(
         args, model, optimizer, scheduler, zero, world, device, bf16
     )
-    ddp = world > 1 and not args.deepspeed
 
-    # ---- the loop: one optimizer step per global batch; rank 0 alone writes the log, the checkpoints and the model
+    # ---- the loop: an optimizer step per global batch; rank 0 alone writes log, checkpoints, model
     log_path = os.path.join(args.out, "train_log.jsonl")
     log = bookkeeping.open_log(log_path, step) if rank == 0 else None
-    barrier()
+    launch.barrier()
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
     plan, row, pad, slots, t_start = {}, {}, 0, 0, time.time()
     while step < total_steps:
@@ -466,15 +483,14 @@ def main(argv=None):
         plan = plan if epoch in plan else {epoch: plan_epoch(examples, G, epoch, args.seed)}
         micro = micro_batches(examples, plan[epoch][b], rank, B, A, tok.pad_token_id)
         n_y, n_in, n_pad, n_slots = token_counts(micro)
-        # each E of Equation 1 is a mean over the step's N response tokens (all micro-batches, all ranks)
-        n_resp = all_sum([n_y], device).item()
+        # each E of Equation 1 is a mean over the step's N response tokens (all micro-batches/ranks)
+        n_resp = launch.all_sum([n_y], device).item()
         # this rank's Σ nll, Σ kl, Σ entropy over the step, and its input tokens
         sums = torch.tensor([0, 0, 0, n_in], dtype=torch.float64)
         pad, slots = pad + n_pad, slots + n_slots
         for j, (pb, rb) in enumerate(micro):
             pb, rb = ({k: v.to(device) for k, v in x.items()} for x in (pb, rb))
-            if ddp:  # as nanoGPT: all-reduce the gradients on the last micro-batch only
-                fwd.require_backward_grad_sync = j == A - 1
+            launch.sync_grads(fwd, last=j == A - 1)  # DDP: all-reduce on the last micro-batch only
             with ctx:
                 # p_0 is fixed (not inference_mode: the KL saves its logits for backward)
                 with torch.no_grad():
@@ -485,7 +501,7 @@ def main(argv=None):
             L = (nll + beta * kl - alpha * entropy) * (world / n_resp)
             backward(L)
             sums[:3] += torch.stack([nll.detach(), kl.detach(), entropy.detach()]).double().cpu()
-        tot = all_sum(sums, device)
+        tot = launch.all_sum(sums, device)
         nll_m, kl_m, ent_m = (tot[:3] / n_resp).tolist()
         tokens = int(tot[3])
         total = nll_m + beta * kl_m - alpha * ent_m  # L of the step
@@ -497,25 +513,25 @@ def main(argv=None):
         row.update(beta=beta, alpha=alpha, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm)
         row.update(tokens=tokens, tokens_per_s=round(tokens / max(time.time() - t0, 1e-9), 1))
         beta, alpha = adapt(args, beta, alpha, kl_m, ent_m)
-        log_step(log, bar, row)
+        bookkeeping.log_row(log, bar, row, loss=f"{total:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         if step % args.save_every == 0 and step < total_steps:
-            save_state(args, model, tok, optimizer, scheduler, fingerprint, step, beta, alpha, rank)
+            state = dict(step=step, beta=beta, alpha=alpha, fingerprint=fingerprint)
+            launch.save_checkpoint(args, model, tok, optimizer, scheduler, state, rank)
     bar.close()
 
     # ---- outputs: the model, then the summary (its presence marks --out finished)
     if rank == 0:
         log.close()
         save_outputs(args, model, tok, meta, counts, fingerprint, row, pad, slots, t_start)
-    barrier()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    launch.close()
 
 
 # ----------------------------------------------------------------------------- bookkeeping
-# A reader may skip from here on: the output folder, the launchers, resume checkpoints, the log and the summary.
+# A reader may skip from here on: the output folder, models, optimizer, summary, fingerprint.
 def prepare_out(args):
-    """True when --out is finished (its summary exists) and there is no --overwrite. Under --overwrite rank 0 first
-    removes the old summary and resume state: a crashed rerun must not look finished, nor resume the old run."""
+    """True when --out is finished (its summary exists) and there is no --overwrite. Under
+    --overwrite rank 0 first removes the old summary and resume state: a crashed rerun must not look
+    finished, nor resume the old run."""
     # --overwrite deletes parts of --out: no input may be, hold or lie inside it
     bookkeeping.refuse_overlap(
         {"--out": args.out},
@@ -525,60 +541,18 @@ def prepare_out(args):
     return bookkeeping.finished("train.py", args.out, args, done, done, "done")
 
 
-def setup_distributed(args):
-    """-> (rank, world, device). torchrun and the deepspeed launcher set RANK, WORLD_SIZE and LOCAL_RANK; a plain
-    `python train.py` is a world of one. DDP's process group (gloo on CPU, nccl on GPU) or DeepSpeed's starts here."""
-    if args.deepspeed:
-        try:
-            import deepspeed
-        except ImportError:
-            raise AltError(
-                "--deepspeed needs the deepspeed package (pip install --no-build-isolation -r "
-                "requirements-dist.txt)"
-            ) from None
-        if not os.path.isfile(args.deepspeed):
-            raise AltError(f"{args.deepspeed}: DeepSpeed config not found")
-        for k, v in dict(
-            RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500
-        ).items():
-            # a plain `python train.py --deepspeed` is a 1-process world
-            os.environ.setdefault(k, str(v))
-    rank, world, local = (int(os.environ.get(k, 0)) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    world, cuda = max(world, 1), torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(local)
-    if args.deepspeed:
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    elif world > 1:
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    return rank, world, f"cuda:{local}" if cuda else "cpu"
-
-
-def barrier():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def all_sum(values, device):
-    """Σ over ranks in float64 (a list or a tensor -> a CPU tensor); NCCL reduces only GPU tensors."""
-    t = torch.as_tensor(values, dtype=torch.float64)
-    if torch.distributed.is_initialized():
-        t = t.to(device)
-        torch.distributed.all_reduce(t)
-    return t.cpu()
-
-
 def load_models(args, ck, extra, device, bf16):
-    """-> (p_θ, p_0, tokenizer). p_θ in fp32 from the resume checkpoint `ck` or --model, with Quark's quantile tokens
-    `extra`; p_0 frozen from --ref-model (default --model), in bf16 under bf16 runs, and None when β = 0."""
+    """-> (p_θ, p_0, tokenizer). p_θ in fp32 from the resume checkpoint `ck` or --model, with
+    Quark's quantile tokens `extra`; p_0 frozen from --ref-model (default --model), in bf16 under
+    bf16 runs, and None when β = 0."""
     model, tok = common.load_policy(
         ck or args.model, device, "float32", extra, args.trust_remote_code
     )
     have = {t for t in tok.get_vocab() if t.startswith("<|quantile_")}
     if extra and have != set(extra):
         raise AltError(
-            f"{args.model} has {len(have)} quantile tokens but {meta_path(args.data)} lists {len(extra)} "
-            "tags: a pool from another K"
+            f"{args.model} has {len(have)} quantile tokens but {meta_path(args.data)} lists "
+            f"{len(extra)} tags: a pool from another K"
         )
     if not args.beta > 0:
         return model, None, tok
@@ -588,13 +562,14 @@ def load_models(args, ck, extra, device, bf16):
     )
     if ref_tok.get_vocab() != tok.get_vocab():
         raise AltError(
-            f"{ref_path}: p_0's vocabulary differs from {args.model}'s (the KL needs one vocabulary)"
+            f"{ref_path}: p_0's vocabulary differs from {args.model}'s "
+            "(the KL needs one vocabulary)"
         )
     return model, ref.eval().requires_grad_(False), tok
 
 
 def adamw(args, model, total_steps):
-    """Gradient checkpointing if asked and dropout on, then AdamW with linear warmup and decay -> (optimizer, schedule)."""
+    """Gradient checkpointing if asked, dropout on, AdamW, warmup/decay -> (optimizer, schedule)."""
     from transformers import get_linear_schedule_with_warmup
 
     if args.gradient_checkpointing:
@@ -613,73 +588,9 @@ def adamw(args, model, total_steps):
     return optimizer, scheduler
 
 
-def wrap_model(args, model, optimizer, scheduler, zero, world, device, bf16):
-    """The one place where python, torchrun (DDP) and deepspeed differ -> (fwd, optimizer, ctx, backward, update):
-    fwd     p_θ's forward: `model` itself, DDP around it, or DeepSpeed's engine;
-    ctx     the precision context: bf16 autocast or nothing (nothing where DeepSpeed keeps bf16 weights itself);
-    backward(L)  adds L's gradients, under ctx like the forward (train.py's autograd has always run under the
-            autocast, and bf16 runs' numbers depend on it);
-    update()     the optimizer step (clip, AdamW, schedule, zero the gradients) -> the gradient norm or None.
-    Under DeepSpeed the optimizer becomes its ZeRO wrapper, loaded with `zero` (a resumed shard) if given."""
-    if args.deepspeed:
-        A = args.grad_accum
-        want = dict(
-            train_micro_batch_size_per_gpu=args.batch_size,
-            gradient_accumulation_steps=A,
-            train_batch_size=args.batch_size * A * world,
-            gradient_clipping=args.max_grad_norm or 0.0,
-        )
-        engine, optimizer, _, ds_bf16 = deepspeed_engine(
-            args.deepspeed, model, optimizer, scheduler, want, bf16
-        )
-        if zero:
-            zero_state(optimizer, load=zero)
-        ctx = precision(device, bf16 and not ds_bf16)
-
-        def backward(loss):
-            with ctx:
-                engine.backward(loss * A)  # DeepSpeed divides by gradient_accumulation_steps
-                if not engine.is_gradient_accumulation_boundary():
-                    engine.step()  # counts the micro-batch; the boundary's step() is update()'s
-
-        def update():
-            with ctx:
-                engine.step()  # at the accumulation boundary: clip, AdamW, schedule
-            norm = engine.get_global_grad_norm()
-            return None if norm is None else float(norm)
-
-        return engine, optimizer, ctx, backward, update
-
-    fwd, ctx = model, precision(device, bf16)
-    if world > 1:
-        ids = None if device == "cpu" else [torch.device(device).index]
-        fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-    def backward(loss):
-        with ctx:
-            loss.backward()
-
-    def update():
-        clip = args.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip) if clip else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return None if norm is None else float(norm)
-
-    return fwd, optimizer, ctx, backward, update
-
-
-def precision(device, bf16):
-    """The run's one precision context, entered again for each micro-batch: bf16 autocast, or nothing (fp32)."""
-    return (
-        torch.autocast(device.split(":")[0], torch.bfloat16) if bf16 else contextlib.nullcontext()
-    )
-
-
 def nonfinite_loss(total, step, out, bar):
-    """The error that stops a run whose step loss is NaN/Inf, before the step's update; closes the progress bar so
-    that the error is the last line the user sees."""
+    """The error that stops a run whose step loss is NaN/Inf, before the step's update; closes the
+    progress bar so that the error is the last line the user sees."""
     bar.close()
     kept = bookkeeping.find_checkpoint(out)
     return AltError(
@@ -688,112 +599,32 @@ def nonfinite_loss(total, step, out, bar):
     )
 
 
-def log_step(log, bar, row):
-    """Rank 0 (the one holding the log) appends the step's row and moves the progress bar."""
-    if log is not None:
-        bookkeeping.append_jsonl(log, row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['total']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-
-
 def save_outputs(args, model, tok, meta, counts, fingerprint, final, pad, slots, t_start):
-    """Rank 0, once trained: the model and tokenizer, then train_summary.json (its presence marks --out finished),
-    then the resume state goes."""
-    model.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
-    bookkeeping.write_json(
-        os.path.join(args.out, "train_summary.json"),
-        dict(
-            method=meta.get("method"),
-            tags=meta.get("tags") or None,
-            exemplar=meta.get("exemplar"),
-            data=args.data,
-            model=args.model,
-            ref_model=(args.ref_model or args.model) if args.beta > 0 else None,
-            counts=counts,
-            examples=fingerprint["examples"],
-            steps=fingerprint["steps"],
-            epochs=args.epochs,
-            global_batch=fingerprint["global_batch"],
-            world_size=fingerprint["world"],
-            deepspeed=args.deepspeed,
-            final=final,
-            padding_share=round(pad / max(slots, 1), 4),
-            train_seconds=round(time.time() - t_start, 1),
-            args=vars(args),
-        ),
+    """Rank 0, once trained: the model, then train_summary.json (its presence marks --out done)."""
+    ref_model = (args.ref_model or args.model) if args.beta > 0 else None
+    summary = dict(method=meta.get("method"), tags=meta.get("tags") or None)
+    summary.update(exemplar=meta.get("exemplar"), data=args.data, model=args.model)
+    summary.update(ref_model=ref_model, counts=counts, examples=fingerprint["examples"])
+    summary.update(steps=fingerprint["steps"], epochs=args.epochs)
+    summary.update(global_batch=fingerprint["global_batch"], world_size=fingerprint["world"])
+    summary.update(
+        deepspeed=args.deepspeed, final=final, padding_share=round(pad / max(slots, 1), 4)
     )
-    bookkeeping.remove_checkpoint(args.out)
+    path = os.path.join(args.out, "train_summary.json")
+    bookkeeping.save_trained(args.out, model, tok, path, summary, t_start, args)
     print(
         f"train.py: {fingerprint['steps']} steps on {fingerprint['examples']} rows -> {args.out} "
         f"(final loss {final['total']:.4f})"
     )
 
 
-# ----------------------------------------------------------------------------- checkpoints (resume)
 def run_fingerprint(args, n_examples, global_batch, world, steps):
-    """What a resume checkpoint must agree with: the data, its size and the step layout, lr and seed."""
-    return dict(
-        data=os.path.abspath(args.data),
-        examples=n_examples,
-        global_batch=global_batch,
-        world=world,
-        steps=steps,
-        lr=args.lr,
-        seed=args.seed,
+    """What a resume checkpoint must agree with: the data, its size, the step layout, lr, seed."""
+    fingerprint = dict(
+        data=os.path.abspath(args.data), examples=n_examples, global_batch=global_batch
     )
-
-
-def save_state(args, model, tok, optimizer, scheduler, fingerprint, step, beta, alpha, rank):
-    """The resume checkpoint after `step`: weights, step, β, α, schedule and optimizer (under DeepSpeed, each rank's
-    ZeRO shard instead: zero_state)."""
-    state = dict(
-        step=step,
-        beta=beta,
-        alpha=alpha,
-        fingerprint=fingerprint,
-        scheduler=scheduler.state_dict(),
-    )
-    if not args.deepspeed:
-        state["optimizer"] = optimizer.state_dict()
-    zero = zero_state(optimizer) if args.deepspeed else None
-    bookkeeping.save_checkpoint(args.out, model, tok, state, rank, barrier, zero)
-
-
-def zero_state(optimizer, load=None):
-    """This rank's ZeRO shard as plain tensors: the inner AdamW state and the fp32 master partition. DeepSpeed's own
-    checkpoint pickles Python objects, which a resume would have to unpickle; these load with weights_only=True."""
-    # ZeRO-1/2 wrap our AdamW; stage 0 hands it back as it is
-    inner = getattr(optimizer, "optimizer", optimizer)
-    parts = getattr(optimizer, "single_partition_of_fp32_groups", [])
-    if load is None:
-        return {"adam": inner.state_dict(), "fp32": [t.detach().cpu() for t in parts]}
-    inner.load_state_dict(load["adam"])
-    for mine, saved in zip(parts, load["fp32"]):
-        mine.data.copy_(saved)
-
-
-def deepspeed_engine(path, model, optimizer, scheduler, want, bf16):
-    """deepspeed.initialize around our model/AdamW/schedule; "auto" config values come from the flags (`want`)."""
-    import deepspeed
-
-    cfg = bookkeeping.read_json(path)
-    for k, v in want.items():
-        if cfg.setdefault(k, "auto") == "auto":
-            cfg[k] = v
-        elif cfg[k] != v:
-            raise AltError(f'{path}: {k}={cfg[k]} disagrees with the flags ({v}); set it to "auto"')
-    if cfg.get("zero_optimization", {}).get("stage", 0) == 3:
-        raise AltError(
-            f"{path}: ZeRO stage 3 is not supported (its sharded weights would need gathering to save)"
-        )
-    for k in ("bf16", "fp16"):
-        if cfg.get(k, {}).get("enabled") == "auto":
-            cfg[k]["enabled"] = bf16 and k == "bf16"
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg
-    )
-    return engine, optimizer, scheduler, bool(cfg.get("bf16", {}).get("enabled"))
+    fingerprint.update(world=world, steps=steps, lr=args.lr, seed=args.seed)
+    return fingerprint
 
 
 if __name__ == "__main__":

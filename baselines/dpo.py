@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import bookkeeping
 import common
+import launch
 import train
 from bookkeeping import AltError
 
@@ -271,14 +272,7 @@ def main(argv=None):
         if not math.isfinite(loss.item()):
             raise AltError(f"non-finite DPO loss at step {step + 1}; stopped before the update")
         loss.backward()
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            if args.max_grad_norm
-            else None
-        )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = launch.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
         step += 1
         chosen, rejected = (
             args.beta * (pi_lp[s] - ref_lp[s]).detach() for s in (slice(0, B), slice(B, None))
@@ -293,13 +287,13 @@ def main(argv=None):
             chosen=chosen.mean().item(),
             rejected=rejected.mean().item(),
             lr=scheduler.get_last_lr()[0],
-            grad_norm=None if grad_norm is None else float(grad_norm),
+            grad_norm=grad_norm,
             tokens=tokens,
             tokens_per_s=round(tokens / max(time.time() - t0, 1e-9), 1),
         )
-        bookkeeping.append_jsonl(log_fh, last)
-        bar.update(1)
-        bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['reward_acc']:.2f}")
+        bookkeeping.log_row(
+            log_fh, bar, last, loss=f"{last['loss']:.4f}", acc=f"{last['reward_acc']:.2f}"
+        )
         if step % args.save_every == 0 and step < total_steps:
             state = dict(
                 step=step,
@@ -312,27 +306,20 @@ def main(argv=None):
     log_fh.close()
 
     # ---- outputs: the model, then the summary (its presence marks --out finished)
-    model.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
-    bookkeeping.write_json(
-        summary_path,
-        dict(
-            method="dpo",
-            tags=None,
-            exemplar=None,
-            data=args.data,
-            model=args.model,
-            ref_model=ref_path,
-            counts=counts,
-            pairs=len(examples),
-            steps=total_steps,
-            epochs=args.epochs,
-            final=last,
-            train_seconds=round(time.time() - t_start, 1),
-            args=vars(args),
-        ),
+    summary = dict(
+        method="dpo",
+        tags=None,
+        exemplar=None,
+        data=args.data,
+        model=args.model,
+        ref_model=ref_path,
+        counts=counts,
+        pairs=len(examples),
+        steps=total_steps,
+        epochs=args.epochs,
+        final=last,
     )
-    bookkeeping.remove_checkpoint(args.out)
+    bookkeeping.save_trained(args.out, model, tok, summary_path, summary, t_start, args)
     print(
         f"dpo.py: {total_steps} steps on {len(examples)} pairs -> {args.out} (final loss {last.get('loss', 0):.4f}); "
         f"skipped: {counts['single_sample']} single-sample and {counts['all_tied']} all-tied prompts, "

@@ -11,6 +11,7 @@ import torch
 
 import bookkeeping
 import common
+import launch
 import train
 from bookkeeping import AltError
 from conftest import ROOT, inject_nan_at_step, tiny_texts
@@ -546,7 +547,7 @@ def test_deepspeed_zero3_config_is_one_clear_error(tmp_path):
     cfg = tmp_path / "z3.json"
     cfg.write_text('{"zero_optimization": {"stage": 3}}')
     with pytest.raises(AltError, match="ZeRO stage 3 is not supported"):
-        train.deepspeed_engine(str(cfg), None, None, None, {}, False)
+        launch.deepspeed_engine(str(cfg), None, None, None, {}, False)
 
 
 @pytest.mark.slow
