@@ -365,6 +365,7 @@ def test_rollout_logprobs_are_the_sampled_tokens(tiny_model_dir, temperature):
     args = argparse.Namespace(
         num_samples=2,
         max_new_tokens=6,
+        min_new_tokens=3,
         top_p=1.0,
         temperature=temperature,
         gen_batch_size=2,
