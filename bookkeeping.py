@@ -226,9 +226,12 @@ def finished(stage, out, args, done=None, stale=(), say=None):
     under the same settings (after printing `say`, default "done: PATH exists (--overwrite to redo)"), a partial run
     of this stage resumes, and any other file or folder at `out` is an error. Writing the record first also fails a
     read-only or full output folder before any work. With --overwrite: rank 0 deletes the `stale` files and folders
-    (a summary) and a folder's resume checkpoint first."""
+    (a summary) and a folder's resume checkpoint first. Rank 0 first holds OUT.lock (beside `out`, file or folder)
+    until it exits: a second process on the same output fails naming the holder."""
     settings = args if isinstance(args, dict) else vars(args)
     done, rank0 = done or [out], os.environ.get("RANK", "0") == "0"
+    if rank0:
+        hold_output(out)
     file = out in done  # else a folder, holding its markers
     side = out + ".stage.json" if file else os.path.join(out, "stage.json")
     for path in done if file else [out]:
@@ -544,6 +547,17 @@ def prompt_key(path, line, row, seen):
 
 
 # ----------------------------------------------------------------------------- locks
+_HELD = {}  # OUT.lock -> its fd: the outputs this process holds, until it exits
+
+
+def hold_output(out):
+    """Hold OUT.lock beside the output `out` (never inside a folder output) for the rest of this process; a second
+    call on the same output in this process is a no-op."""
+    path = os.path.abspath(out) + ".lock"
+    if path not in _HELD:
+        _HELD[path] = hold_lock(path)
+
+
 def hold_lock(path):
     """An exclusive flock on `path` (created) for as long as the returned fd stays open (the kernel drops it when
     the process dies, so a stale file never blocks). Held elsewhere: AltError naming the holder's pid and host."""

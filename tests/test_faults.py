@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -1130,6 +1131,51 @@ def test_done_only_for_this_stages_output_under_the_same_settings(
     assert (foreign / "notes.txt").read_text() == "mine" and sorted(os.listdir(foreign)) == [
         "notes.txt"
     ]
+
+
+HOLD = "import sys, time, bookkeeping; bookkeeping.hold_lock(sys.argv[1]); print('held', flush=True); time.sleep(60)"
+
+
+def test_a_second_process_on_the_same_output_is_refused(tmp_path, monkeypatch, capsys):
+    """While another process holds OUT.lock (beside a folder or a file output), a stage on OUT stops before reading
+    or writing it: exit 2, one line naming the holder's pid (the old code ran the stage alongside the holder)."""
+    gens = jsonl(
+        tmp_path / "g.jsonl",
+        [{"prompt_id": 0, "prompt": "a", "generation": " b", "toxicity": 0.1}],
+    )
+    samples = jsonl(tmp_path / "s.jsonl", sample_file_rows(["a", "b", "c"]))
+    ev, pool = tmp_path / "ev", tmp_path / "pool.jsonl"
+    monkeypatch.setattr(feedback, "make_scorer", lambda *a, **k: pytest.fail("scored rows"))
+    for stage, out, argv in (
+        ("evaluate", ev, ["--generations", gens, "--out", str(ev), "--fluency-model", "none"]),
+        ("feedback", pool, ["--method", "alt-rm", "--samples", samples, "--out", str(pool)]),
+    ):
+        lock = f"{out}.lock"
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLD, lock], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert holder.stdout.readline() == "held\n"
+            code, printed, err = run_cli(stage, argv, monkeypatch, capsys)
+        finally:
+            holder.kill()
+            holder.wait()
+        assert code == 2 and printed == "" and len(err.splitlines()) == 1, (stage, err)
+        assert err == (
+            f"{stage}.py: error: {lock} is held by pid {holder.pid} on {socket.gethostname()}: "
+            "another run is using it\n"
+        )
+        assert sorted(os.listdir(tmp_path)) == sorted(
+            ["g.jsonl", "s.jsonl", os.path.basename(lock)]
+        ), stage
+        os.remove(lock)
+    # the holder is gone: its lock blocks no one, and a rerun in this process (which holds the lock) says done
+    ev_argv = ["--generations", gens, "--out", str(ev), "--fluency-model", "none"]
+    open(f"{ev}.lock", "w").write("pid 1 on elsewhere\n")
+    assert run_cli("evaluate", ev_argv, monkeypatch, capsys)[0] == 0
+    code, printed, _ = run_cli("evaluate", ev_argv, monkeypatch, capsys)
+    assert code == 0 and printed.startswith("done")
+    assert "eval.json" in os.listdir(ev) and not any(f.endswith(".lock") for f in os.listdir(ev))
 
 
 # ============================================================================= write failures
