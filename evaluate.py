@@ -94,24 +94,29 @@ def parse_args(argv=None):
         default=None,
         help="JSON list of exemplar feedbacks, one drawn per prompt (ALT_LMU)",
     )
-    a("--num-samples", type=int, default=25, help="samples per prompt (paper: 25)")
-    a("--top-p", type=float, default=0.9, help="nucleus sampling p (paper, evaluation: 0.9)")
+    a("--num-samples", type=finite(1, kind=int), default=25, help="samples per prompt (paper: 25)")
+    a(
+        "--top-p",
+        type=finite(0, 1, strict=True),
+        default=0.9,
+        help="nucleus sampling p (paper, evaluation: 0.9)",
+    )
     a(
         "--temperature",
         type=finite(0),
         default=1.0,
         help="sampling temperature (paper: 1.0)",
     )
-    a("--max-new-tokens", type=int, default=20, help="generated tokens (paper: 20)")
+    a("--max-new-tokens", type=finite(1, kind=int), default=20, help="generated tokens (paper: 20)")
     a(
         "--min-new-tokens",
-        type=int,
+        type=finite(0, kind=int),
         default=3,
         help="EOS is blocked before this many tokens (official code: 3)",
     )
     a(
         "--batch-size",
-        type=int,
+        type=finite(1, kind=int),
         default=64,
         help="prompts per generate call (each expands to --num-samples)",
     )
@@ -139,7 +144,7 @@ def parse_args(argv=None):
     )
     a(
         "--score-batch-size",
-        type=int,
+        type=finite(1, kind=int),
         default=256,
         help="texts per scorer call (also the resume granularity)",
     )
@@ -150,7 +155,12 @@ def parse_args(argv=None):
         "(train_summary ref_model), else toy/model; 'none' disables",
     )
     a("--fluency-dtype", default="float32", help="dtype of the fluency LM (float32: exact scores)")
-    a("--ppl-batch-size", type=int, default=16, help="generations per fluency forward pass")
+    a(
+        "--ppl-batch-size",
+        type=finite(1, kind=int),
+        default=16,
+        help="generations per fluency forward pass",
+    )
     a(
         "--baseline",
         default=None,
@@ -170,21 +180,8 @@ def parse_args(argv=None):
         p.error(
             "give exactly one of --model (sample, then measure) or --generations FILE (measure only)"
         )
-    for name in (
-        "num_samples",
-        "max_new_tokens",
-        "batch_size",
-        "score_batch_size",
-        "ppl_batch_size",
-    ):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.min_new_tokens < 0:
-        p.error(f"--min-new-tokens must be >= 0, got {args.min_new_tokens}")
     # --max-new-tokens 2: EOS blocked for 2
     args.min_new_tokens = min(args.min_new_tokens, args.max_new_tokens)
-    if not 0 < args.top_p <= 1:
-        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.condition is not None and args.condition_pool is not None:
         p.error("--condition and --condition-pool are exclusive")
     return args

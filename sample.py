@@ -74,23 +74,26 @@ def parse_args(argv=None):
         help="dotted field holding x (e.g. prompt.text); when given, --prompts is read with `datasets`",
     )
     p.add_argument(
-        "--num-samples", type=int, default=NUM_SAMPLES, help="samples y per prompt x (default 4)"
+        "--num-samples",
+        type=finite(1, kind=int),
+        default=NUM_SAMPLES,
+        help="samples y per prompt x (default 4)",
     )
     p.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=finite(1, kind=int),
         default=MAX_NEW_TOKENS,
         help="max generated tokens (paper, toxicity: 20)",
     )
     p.add_argument(
         "--min-new-tokens",
-        type=int,
+        type=finite(0, kind=int),
         default=MIN_NEW_TOKENS,
         help="EOS is blocked before this many tokens (official toxicity code: 3)",
     )
     p.add_argument(
         "--top-p",
-        type=float,
+        type=finite(0, 1, strict=True),
         default=TOP_P,
         help="nucleus sampling p (paper: 1.0 for training samples, 0.9 for evaluation)",
     )
@@ -125,7 +128,7 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=finite(1, kind=int),
         default=BATCH_SIZE,
         help="prompts per generate call; each expands to --num-samples sequences (default 64)",
     )
@@ -155,15 +158,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.merge is None and not (args.model and args.prompts and args.out):
         p.error("--model, --prompts and --out are required (or --merge OUT)")
-    for name in ("num_samples", "max_new_tokens", "batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.min_new_tokens < 0:
-        p.error(f"--min-new-tokens must be >= 0, got {args.min_new_tokens}")
     # --max-new-tokens 2: EOS blocked for 2
     args.min_new_tokens = min(args.min_new_tokens, args.max_new_tokens)
-    if not 0.0 < args.top_p <= 1.0:
-        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.condition is not None and args.condition_pool is not None:
         p.error("--condition and --condition-pool are exclusive")
     return args

@@ -217,7 +217,7 @@ def bad_input_cases(tmp, model):
             "evaluate",
             ["--model", model, "--out", out, "--top-p", "1.5"],
             {},
-            "...error: --top-p must be in (0, 1], got 1.5",
+            "...error: argument --top-p: must be a finite number > 0 and <= 1, got '1.5'",
         ),
         (
             "12 bad CLI value --batch-size 0",

@@ -582,8 +582,8 @@ def test_prompt_field_through_datasets_json_loader(tiny_model_dir, tmp_path):
     [
         (["--shard", "5/4"], {}, "expected i/n with 0 <= i < n"),
         (["--shard", "1-4"], {}, "expected i/n"),
-        (["--top-p", "0"], {}, "--top-p must be in (0, 1]"),
-        (["--num-samples", "0"], {}, "--num-samples must be >= 1"),
+        (["--top-p", "0"], {}, "--top-p: must be a finite number > 0 and <= 1"),
+        (["--num-samples", "0"], {}, "--num-samples: must be an integer >= 1"),
         (["--max-new-tokens", "128"], {}, "leaves no room for a prompt in the 128-token context"),
         (["--condition", "a" + SEPARATOR + "b"], {}, "contains <|separator|>"),
         (
