@@ -700,6 +700,8 @@ def report(runs, out):
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
         ax.set_title(title)
+        if key == "fluency_ppl":  # a collapsed run (ppl in the thousands) would flatten the rest
+            ax.set_yscale("log")
         ax.set_xlabel("generations sampled")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
