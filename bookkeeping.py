@@ -12,10 +12,12 @@ import argparse
 import contextlib
 import functools
 import glob
+import hashlib
 import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -198,6 +200,11 @@ def open_journal(path, settings=None, keep=None, fresh=False):
     rows = [r for r in rows if keep is None or keep(r)]
     write_jsonl(path, head + rows)
     return rows, open(path, "a", encoding="utf-8")
+
+
+def journal_batch(fh, **head):
+    """on_batch for run_batches: append {**head, "batch": b, "results": results} to the open journal fh."""
+    return lambda b, results: append_jsonl(fh, {**head, "batch": b, "results": results})
 
 
 def open_log(path, upto, key="step"):
@@ -544,6 +551,171 @@ def prompt_key(path, line, row, seen):
             f"{path}:{line}: prompt_id {pid!r} was given to another prompt on line {first[1]}"
         )
     return ("id", str(pid))
+
+
+# ----------------------------------------------------------------------------- batches, shards, prompts (sample, evaluate)
+def plan_batches(ids, batch_size, context, max_new_tokens, keep=None, stats=None):
+    """Token ids per input -> (ids left-truncated to context - max_new_tokens, batches of input indices sorted by
+    length: little padding, the longest first so that an OOM shows in the first batch). Truncation cuts the start
+    of x but keeps all up to the token `keep` (f̂ + separator): a long prompt never loses its conditioning."""
+    max_len = context - max_new_tokens
+    if max_len < 1:
+        raise AltError(
+            f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the {context}-token context"
+        )
+    n_cut = 0
+    for i, t in enumerate(ids):
+        if not t:
+            raise AltError(f"input {i} tokenizes to nothing (empty prompt without feedback)")
+        if len(t) > max_len:
+            head = t[: t.index(keep) + 1] if keep in t else []
+            if len(head) >= max_len:
+                raise AltError(
+                    f"input {i}: the feedback alone ({len(head)} tokens) fills the {max_len}-token budget"
+                )
+            ids[i] = head + t[len(t) - (max_len - len(head)) :]
+            n_cut += 1
+    if n_cut:
+        print(
+            f"warning: {n_cut} of {len(ids)} inputs exceed {max_len} tokens (context {context} - "
+            f"{max_new_tokens} new); their start was cut (left truncation, feedback kept)",
+            file=sys.stderr,
+        )
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    real = sum(map(len, ids))
+    padded = sum(len(b) * len(ids[b[0]]) for b in batches)  # a batch is as wide as its first input
+    if stats is not None:
+        stats.update(
+            prompts_truncated=n_cut,
+            prompt_tokens=real,
+            pad_tokens=padded - real,
+            batches=len(batches),
+            pad_share=(padded - real) / max(padded, 1),
+        )
+    return ids, batches
+
+
+def batch_seed(seed, b):
+    """Seed of batch b: fixed by (seed, b) alone, so a resumed run redraws exactly what it skipped."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{b}".encode()).digest()[:8], "little") % 2**63
+
+
+def run_batches(batches, step, n_items, done=None, on_batch=None, per_item=1, stats=None, **bar):
+    """step(b, batch) -> one result per item of batch b (a list of item indices), for each b not in `done` ({b: its
+    results}: a resumed run's), then on_batch(b, results) (to journal them) -> the results in item order. A tqdm
+    bar (options `bar`) counts per_item units per item; `stats` (a dict) receives generations (units done now),
+    seconds and batches_resumed."""
+    from tqdm.auto import tqdm
+
+    done, results, t0 = done or {}, [None] * n_items, time.time()
+    initial = sum(len(idx) for b, idx in enumerate(batches) if b in done) * per_item
+    with tqdm(
+        total=n_items * per_item, initial=initial, unit="gen", dynamic_ncols=True, **bar
+    ) as tq:
+        for b, idx in enumerate(batches):
+            res = done.get(b)
+            if res is None:
+                res = step(b, idx)
+                if on_batch is not None:
+                    on_batch(b, res)
+                tq.update(len(idx) * per_item)
+            for i, r in zip(idx, res):
+                results[i] = r
+    if stats is not None:
+        stats.update(
+            generations=n_items * per_item - initial,
+            seconds=time.time() - t0,
+            batches_resumed=sum(1 for b in range(len(batches)) if b in done),
+        )
+    return results
+
+
+def parse_shard(text):
+    """--shard i/n -> (i, n)."""
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise argparse.ArgumentTypeError(f"expected i/n with 0 <= i < n (e.g. 0/4), got '{text}'")
+    return int(m.group(1)), int(m.group(2))
+
+
+def shard_path(out, shard):
+    """Where shard (i, n) of OUT is written: OUT.shard-i-of-n (OUT itself when shard is None)."""
+    return out if shard is None else f"{out}.shard-{shard[0]}-of-{shard[1]}"
+
+
+def merge_shards(out, overwrite=False):
+    """sample.py --merge: join OUT.shard-i-of-n (i = 0..n-1) into OUT, ordered by prompt index then sample index."""
+    if finished("sample.py --merge", out, {"overwrite": overwrite}):
+        return
+    folder, base = os.path.split(os.path.abspath(out))
+    pat = re.compile(re.escape(base) + r"\.shard-(\d+)-of-(\d+)")
+    found = {
+        (int(m.group(1)), int(m.group(2)))
+        for m in map(pat.fullmatch, os.listdir(folder) if os.path.isdir(folder) else [])
+        if m
+    }
+    if not found:
+        raise AltError(f"{out}: no shard files {base}.shard-I-of-N to merge")
+    ns = sorted({n for _, n in found})
+    if len(ns) > 1:
+        raise AltError(
+            f"{out}: shards of different splits ({', '.join(f'of-{n}' for n in ns)}); delete the stale ones"
+        )
+    n = ns[0]
+    missing = [i for i in range(n) if (i, n) not in found]
+    if missing:
+        raise AltError(
+            f"{out}: missing shard(s) {', '.join(map(str, missing))} of {n} "
+            f"(run sample.py --shard i/{n} for each)"
+        )
+    rows = []
+    for i in range(n):
+        path = shard_path(out, (i, n))
+        part = read_jsonl(path, required=("prompt_index", "sample_idx"), allow_empty=True)
+        for line, r in enumerate(part, 1):
+            if r["prompt_index"] % n != i:
+                raise AltError(
+                    f"{path}:{line}: prompt_index {r['prompt_index']} does not belong to shard {i}/{n}"
+                )
+        rows += part
+    rows.sort(key=lambda r: (r["prompt_index"], r["sample_idx"]))
+    keys = [(r["prompt_index"], r["sample_idx"]) for r in rows]
+    if len(set(keys)) != len(keys):
+        raise AltError(
+            f"{out}: shards overlap (a (prompt, sample) pair appears twice); were they made from one file?"
+        )
+    for r in rows:
+        del r["prompt_index"]  # only shards need it: the merged file is exactly an unsharded run's
+    write_jsonl(out, rows)
+    print(f"sample.py: merged {n} shards -> {len(rows)} rows in {out}")
+
+
+def load_condition_pool(path):
+    """--condition-pool (ALT_LMU): a JSON list of exemplar feedbacks f̂."""
+    pool = read_json(path, kind=object)  # the shape is checked below, with its own message
+    if (
+        not isinstance(pool, list)
+        or not pool
+        or not all(isinstance(f, str) and f.strip() for f in pool)
+    ):
+        raise AltError(f"{path}: expected a non-empty JSON list of non-empty strings")
+    return pool
+
+
+def check_prompts(prompts, where, control, unique_ids=False, allow_none=False):
+    """Prompts [{"id", "prompt"}] from `where` -> the indices of the non-empty x (an empty x has nothing to
+    continue: skipped). No x may hold the `control` token; unique_ids: metrics group y by prompt id; allow_none:
+    no x left is no error."""
+    for i, p in enumerate(prompts):
+        if control in p["prompt"]:
+            raise AltError(f"{where}: row {i + 1}: prompt contains the control token {control}")
+    if unique_ids and len({p["id"] for p in prompts}) < len(prompts):
+        raise AltError(f"{where}: duplicate prompt ids")
+    keep = [i for i, p in enumerate(prompts) if p["prompt"].strip()]
+    if not keep and not allow_none:
+        raise AltError(f"{where}: all {len(prompts)} prompts are empty")
+    return keep
 
 
 # ----------------------------------------------------------------------------- locks
