@@ -207,6 +207,11 @@ def journal_batch(fh, **head):
     return lambda b, results: append_jsonl(fh, {**head, "batch": b, "results": results})
 
 
+def batches_done(rows, **head):
+    """A journal's finished batches written by journal_batch(fh, **head) -> {b: results}."""
+    return {r["batch"]: r["results"] for r in rows if all(r.get(k) == v for k, v in head.items())}
+
+
 def open_log(path, upto, key="step"):
     """A trainer's log reopened for append on a (re)start: its rows past the resume point (row[key] > upto) go."""
     return open_journal(path, keep=lambda row: row.get(key, 0) <= upto)[1]
@@ -465,6 +470,31 @@ def default_device_dtype():
     return ("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32")
 
 
+def load_fluency_lm(name, dtype, device=None, trust_remote_code=False):
+    """evaluate.py's fluency LM exactly as saved: unlike common.load_policy, no separator row (it
+    would change the softmax) -> (model on `device`, default the default device, tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = hub_unreachable([name])  # cached, Hub unreachable: load without retries
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            name, trust_remote_code=trust_remote_code, local_files_only=local
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            name,
+            dtype=getattr(torch, dtype),
+            trust_remote_code=trust_remote_code,
+            local_files_only=local,
+        )
+    except (OSError, ValueError, AttributeError) as e:
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise AltError(
+            f"cannot load fluency model '{name}'{offline}: {str(e).splitlines()[0]}"
+        ) from None
+    return model.to(device or default_device_dtype()[0]), tok
+
+
 @functools.lru_cache(maxsize=None)
 def _hub_answers(endpoint):
     """One HEAD probe per endpoint and process (a stage may load a policy, a judge and a fluency LM)."""
@@ -553,6 +583,42 @@ def prompt_key(path, line, row, seen):
     return ("id", str(pid))
 
 
+# a --generations row's kinds (check_row); rows are grouped by prompt_id
+GENERATION_ROW = {"prompt": (str,), "generation": (str,), "prompt_id": (int, str)}
+
+
+def read_generations(path):
+    """evaluate.py --generations: a generations JSONL -> flat rows, each validated; errors name the file and row.
+    A row {"prompt_id", "prompt", "generation", ...}, or the DExperts/Quark release shape, one row per prompt:
+    {"prompt": {"text"}, "generations": [{"text", "toxicity"} or a text, ...]}."""
+    rows = []
+    for i, r in enumerate(read_jsonl(path), 1):
+        x = r["prompt"].get("text") if isinstance(r.get("prompt"), dict) else r.get("prompt")
+        if isinstance(r.get("generations"), list):
+            for k, g in enumerate(r["generations"]):
+                g = g if isinstance(g, dict) else {"text": g}
+                tox = {"toxicity": g["toxicity"]} if "toxicity" in g else {}
+                row = {"prompt_id": r.get("id", i - 1), "sample_idx": k, "prompt": x}
+                rows.append((i, {**row, "generation": g.get("text"), **tox}))
+            continue
+        for key in ("prompt_id", "prompt", "generation"):
+            if key not in r:
+                raise AltError(f"{path}: row {i}: missing key '{key}'")
+        rows.append((i, {**r, "prompt": x}))
+    if not rows:
+        raise AltError(f"{path}: no generations")
+    for i, r in rows:
+        check_row(f"{path}: row {i}", r, GENERATION_ROW)
+        t = r.get("toxicity")
+        if t is not None and (
+            isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1
+        ):
+            raise AltError(
+                f"{path}: row {i}: 'toxicity' must be a number in [0, 1] or null, got {t!r}"
+            )
+    return [r for _, r in rows]
+
+
 # ----------------------------------------------------------------------------- batches, shards, prompts (sample, evaluate)
 def plan_batches(ids, batch_size, context, max_new_tokens, keep=None, stats=None):
     """Token ids per input -> (ids left-truncated to context - max_new_tokens, batches of input indices sorted by
@@ -629,6 +695,26 @@ def run_batches(batches, step, n_items, done=None, on_batch=None, per_item=1, st
             batches_resumed=sum(1 for b in range(len(batches)) if b in done),
         )
     return results
+
+
+def score_chunks(score, texts, size, journal, done, tag, hide=False):
+    """score(texts) in resumable chunks of `size`, each appended to `journal` as {"step": tag, "chunk", "scores"}
+    when it holds a score (a chunk that failed whole is asked again); `done`: the journal's rows. NaN becomes
+    null. A tqdm bar per text (hide: none)."""
+    chunks = [list(range(b, min(b + size, len(texts)))) for b in range(0, len(texts), size)]
+
+    def step(c, idx):
+        scores = [None if v is None or v != v else float(v) for v in score([texts[i] for i in idx])]
+        if len(scores) != len(idx):
+            raise AltError(f"{tag}: the scorer returned {len(scores)} scores for {len(idx)} texts")
+        return scores
+
+    def log(c, scores):
+        if any(v is not None for v in scores):
+            append_jsonl(journal, {"step": tag, "chunk": c, "scores": scores})
+
+    have = {r["chunk"]: r["scores"] for r in done if r.get("step") == tag}
+    return run_batches(chunks, step, len(texts), have, log, desc=tag, disable=hide)
 
 
 def parse_shard(text):
