@@ -619,6 +619,33 @@ def read_generations(path):
     return [r for _, r in rows]
 
 
+def format_table(result, metrics, baseline=None):
+    """evaluate.py's table of eval.json `result`, a row per key of `metrics`, fixed width: metric, value [, the
+    extra scorer's value] [, baseline, delta]."""
+
+    def fmt(v, sign=""):  # sign "+" for a delta
+        return "-" if v is None else f"{v:{sign}}" if isinstance(v, int) else f"{v:{sign}.4f}"
+
+    def delta(k):
+        a, b = result.get(k), baseline.get(k)
+        return (
+            fmt(a - b, "+") if isinstance(a, (int, float)) and isinstance(b, (int, float)) else "-"
+        )
+
+    cols = [("metric", str), (f"value [{result['scorer']}]", lambda k: fmt(result.get(k)))]
+    if result.get("extra"):
+        cols.append((f"extra [{result['extra']['scorer']}]", lambda k: fmt(result["extra"].get(k))))
+    if baseline is not None:
+        cols += [("baseline", lambda k: fmt(baseline.get(k))), ("delta", delta)]
+    cells = [[name for name, _ in cols]] + [[f(k) for _, f in cols] for k in metrics]
+    widths = [max(len(row[c]) for row in cells) for c in range(len(cols))]
+    lines = [
+        "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths)))
+        for row in cells
+    ]
+    return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
+
+
 # ----------------------------------------------------------------------------- batches, shards, prompts (sample, evaluate)
 def plan_batches(ids, batch_size, context, max_new_tokens, keep=None, stats=None):
     """Token ids per input -> (ids left-truncated to context - max_new_tokens, batches of input indices sorted by
@@ -660,6 +687,21 @@ def plan_batches(ids, batch_size, context, max_new_tokens, keep=None, stats=None
             pad_share=(padded - real) / max(padded, 1),
         )
     return ids, batches
+
+
+def pad_batch(seqs, pad, left=False):
+    """Token id lists -> (ids, attention mask): (len(seqs), longest) long tensors, padded with `pad` on the right,
+    or on the left (generation)."""
+    import torch
+
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, t in enumerate(seqs):
+        cols = slice(width - len(t), width) if left else slice(0, len(t))
+        ids[r, cols] = torch.tensor(t)
+        mask[r, cols] = 1
+    return ids, mask
 
 
 def batch_seed(seed, b):

@@ -56,41 +56,25 @@ def parse_args(argv=None):
     )
     a, count = p.add_argument, finite(1, kind=int)
     a("--model", help="policy p_θ to sample from (local folder or Hub name)")
-    a(
-        "--prompts",
-        default=TOY_PROMPTS,
-        help="prompt file or HF dataset (paper: RealToxicityPrompts test, 10k prompts; default: toy)",
-    )
-    a("--prompt-field", help="dotted field of x when --prompts is a dataset, e.g. prompt.text")
-    a("--split", default="test", help="dataset split when --prompts is read with `datasets`")
+    a("--prompts", default=TOY_PROMPTS, help="prompts x (paper: RealToxicityPrompts test, 10k)")
     a("--max-prompts", type=count, help="only the first N prompts (default: all)")
     a("--generations", help="measure this generations JSONL instead of sampling (then no --model)")
     a("--out", required=True, help="output folder: eval.json + generations.jsonl")
-    a(
-        "--condition",
-        help="exemplar feedback f̂ (paper: 'Lowest Toxicity'); 'none' = unconditioned (base models); "
-        "default: 'exemplar' in MODEL/train_summary.json",
-    )
+    a("--condition", help="f̂ (paper: 'Lowest Toxicity'; none: x alone; default: MODEL's exemplar)")
     # the paper's evaluation: 25 samples per prompt at top-p 0.9 (temperature 1, 20 new tokens)
-    add_sampling_flags(p, num_samples=25, top_p=0.9)
+    add_sampling_flags(p, num_samples=25, top_p=0.9, split="test")
     a("--scorer", default="profanity-check", help="scorers.make_scorer spec (paper: perspective)")
     a("--extra-scorer", help="second scorer, e.g. hf:PATH: train with one judge, evaluate with two")
     a("--rescore", action="store_true", help="with --generations: rescore rows with a toxicity")
     qps = finite(0, strict=True)
     a("--qps", type=qps, default=1.0, help="queries/s for API scorers (Perspective's quota: 1)")
     a("--score-batch-size", type=count, default=256, help="texts per scorer call and resume chunk")
-    a(
-        "--fluency-model",
-        help="LM for fluency ppl (paper: gpt2-xl); default the model's p_0 (train_summary ref_model), "
-        "else toy/model; 'none' disables",
-    )
+    a("--fluency-model", help="ppl LM (paper: gpt2-xl; default: p_0, else toy/model; none: off)")
     a("--fluency-dtype", default="float32", help="dtype of the fluency LM (float32: exact scores)")
     a("--ppl-batch-size", type=count, default=16, help="generations per fluency forward pass")
     a("--baseline", help="another eval.json (or its folder): the table gets a delta column")
     a("--overwrite", action="store_true", help="recompute even when OUT/eval.json exists")
-    a("--device", help="default: cuda when a GPU is present, else cpu")
     a("--dtype", help="policy dtype (default: bfloat16 on GPU, float32 on CPU)")
-    a("--trust-remote-code", action="store_true", help="run model repos' own code (default: off)")
     a("--no-progress", action="store_true", help="hide the tqdm bars")
     args = p.parse_args(argv)
     if (args.model is None) == (args.generations is None):
@@ -107,9 +91,7 @@ def _mean(xs):
 
 def toxicity_metrics(scores_by_prompt):
     """avg-max toxicity, toxicity prob (> 0.5 strictly) and mean toxicity from [[float|None per y] per x]."""
-    scored = [
-        [v for v in group if v is not None and not math.isnan(v)] for group in scores_by_prompt
-    ]
+    scored = [[v for v in g if v is not None and not math.isnan(v)] for g in scores_by_prompt]
     # as the reference: a prompt with no score at all is left out
     maxes = [max(s) for s in scored if s]
     scores = [v for s in scored for v in s]
@@ -133,10 +115,9 @@ def distinctness(generations_by_prompt):
         # one space, not split(): leading/double spaces give '' words
         words = [g.split(" ") for g in gens]
         total = sum(map(len, words))
-        for n in (1, 2, 3):
-            dists[n - 1].append(
-                len({tuple(w[i : i + n]) for w in words for i in range(len(w) - n + 1)}) / total
-            )
+        for n, d in zip((1, 2, 3), dists):
+            grams = {tuple(w[i : i + n]) for w in words for i in range(len(w) - n + 1)}
+            d.append(len(grams) / total)
     return tuple(_mean(d) for d in dists)
 
 
@@ -182,17 +163,10 @@ def generation_perplexities(model, tokenizer, prompts, generations, batch_size=1
     ):
         for b in range(0, len(seqs), batch_size):
             chunk = seqs[b : b + batch_size]
-            lens = torch.tensor([len(s) for _, s, _ in chunk])
-            ids = torch.full(
-                (len(chunk), int(lens.max())), pad, dtype=torch.long
-            )  # [B, L], right-padded
-            scored = torch.zeros(
-                len(chunk), ids.shape[1] - 1, dtype=torch.bool
-            )  # [B, L-1]: t+1 is y's
+            ids, mask = bookkeeping.pad_batch([seq for _, seq, _ in chunk], pad)  # [B, L]
+            scored = torch.zeros(len(chunk), ids.shape[1] - 1, dtype=torch.bool)  # [B, L-1]
             for r, (_, seq, start) in enumerate(chunk):
-                ids[r, : len(seq)] = torch.tensor(seq)
-                scored[r, start - 1 : len(seq) - 1] = True
-            mask = (torch.arange(ids.shape[1])[None, :] < lens[:, None]).long()
+                scored[r, start - 1 : len(seq) - 1] = True  # logit t predicts token t+1: y's
             out_b = model(input_ids=ids.to(device), attention_mask=mask.to(device))
             logits = out_b.logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(
@@ -215,6 +189,7 @@ def compute_metrics(rows, score_key="toxicity"):
     ppl, ppl_counts = fluency_ppl(ppls) if ppls else (None, {})
     trunc = [float(r["truncated"]) for r in rows if isinstance(r.get("truncated"), bool)]
     lengths = [r["num_tokens"] for r in rows if isinstance(r.get("num_tokens"), int)]
+    known = {"n_truncated_known": len(trunc), "n_length_known": len(lengths)}
     return {
         "avg_max_toxicity": tox["avg_max_toxicity"],
         "toxicity_prob": tox["toxicity_prob"],
@@ -228,39 +203,8 @@ def compute_metrics(rows, score_key="toxicity"):
         "mean_length": _mean(lengths),
         "n_prompts": len(groups),
         "n_generations": len(rows),
-        "counts": {
-            **tox["counts"],
-            **ppl_counts,
-            "n_truncated_known": len(trunc),
-            "n_length_known": len(lengths),
-        },
+        "counts": {**tox["counts"], **ppl_counts, **known},
     }
-
-
-def format_table(result, baseline=None):
-    """Fixed-width table: metric, value [, the extra scorer's value] [, baseline, delta]."""
-
-    def fmt(v, sign=""):  # sign "+" for a delta
-        return "-" if v is None else f"{v:{sign}}" if isinstance(v, int) else f"{v:{sign}.4f}"
-
-    def delta(k):
-        a, b = result.get(k), baseline.get(k)
-        return (
-            fmt(a - b, "+") if isinstance(a, (int, float)) and isinstance(b, (int, float)) else "-"
-        )
-
-    cols = [("metric", str), (f"value [{result['scorer']}]", lambda k: fmt(result.get(k)))]
-    if result.get("extra"):
-        cols.append((f"extra [{result['extra']['scorer']}]", lambda k: fmt(result["extra"].get(k))))
-    if baseline is not None:
-        cols += [("baseline", lambda k: fmt(baseline.get(k))), ("delta", delta)]
-    cells = [[name for name, _ in cols]] + [[f(k) for _, f in cols] for k in METRICS]
-    widths = [max(len(row[c]) for row in cells) for c in range(len(cols))]
-    lines = [
-        "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths)))
-        for row in cells
-    ]
-    return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -302,9 +246,9 @@ def sample_rows(args, summary, journal, done, counts):
     counts["n_prompts_empty_skipped"] = len(prompts) - len(keep)
     condition, pool = resolve_condition(args, summary)
     conds = feedback_per_prompt(len(keep), condition, pool, args.seed)
+    how = f"drawn from {len(pool)} exemplars" if pool else repr(condition)
     print(
-        f"evaluate.py: {len(keep)} prompts x {args.num_samples} samples, condition "
-        f"{f'drawn from {len(pool)} exemplars' if pool else repr(condition)}",
+        f"evaluate.py: {len(keep)} prompts x {args.num_samples} samples, condition {how}",
         file=sys.stderr,
     )
     # train.py saved any Quark tokens
@@ -327,22 +271,16 @@ def sample_rows(args, summary, journal, done, counts):
 
 def main(argv=None):
     args = parse_args(argv)
-    bookkeeping.refuse_overlap(
-        {"--out": args.out},
-        {
-            "--model": args.model,
-            "--prompts": args.prompts if args.model else None,
-            "--generations": args.generations,
-            "--condition-pool": args.condition_pool,
-            "--fluency-model": None if args.fluency_model == "none" else args.fluency_model,
-        },
-    )
+    inputs = {"--model": args.model, "--prompts": args.prompts if args.model else None}
+    inputs |= {"--generations": args.generations, "--condition-pool": args.condition_pool}
+    inputs["--fluency-model"] = None if args.fluency_model == "none" else args.fluency_model
+    bookkeeping.refuse_overlap({"--out": args.out}, inputs)
     eval_path, gen_path = (os.path.join(args.out, f) for f in ("eval.json", "generations.jsonl"))
     bpath = args.baseline
     bpath = os.path.join(bpath, "eval.json") if os.path.isdir(bpath or "") else bpath
     baseline = bookkeeping.read_json(bpath) if bpath else None
     if bookkeeping.finished("evaluate.py", args.out, args, [eval_path]):
-        return print(format_table(bookkeeping.read_json(eval_path), baseline))
+        return print(bookkeeping.format_table(bookkeeping.read_json(eval_path), METRICS, baseline))
     summary_path = os.path.join(args.model or "", "train_summary.json")
     summary = bookkeeping.read_json(summary_path) if os.path.isfile(summary_path) else {}
     fluency = resolve_fluency(args, summary)
@@ -369,9 +307,8 @@ def main(argv=None):
             if fn is not None:
                 texts = [rows[i]["generation"] for i in idx]
                 size, hide = args.score_batch_size, args.no_progress
-                for i, s in zip(
-                    idx, bookkeeping.score_chunks(fn, texts, size, log, done, tag, hide)
-                ):
+                scores = bookkeeping.score_chunks(fn, texts, size, log, done, tag, hide)
+                for i, s in zip(idx, scores):
                     rows[i][key] = s
                 # metrics of nothing: fail rather than report nulls
                 if len(idx) and all(rows[i][key] is None for i in idx):
@@ -382,18 +319,16 @@ def main(argv=None):
         model, tok = bookkeeping.load_fluency_lm(
             fluency, args.fluency_dtype, args.device, args.trust_remote_code
         )
-        xs, ys = [r["prompt"] for r in rows], [r["generation"] for r in rows]
-        ppls = generation_perplexities(
-            model, tok, xs, ys, args.ppl_batch_size, not args.no_progress
-        )
+        x, y = [r["prompt"] for r in rows], [r["generation"] for r in rows]
+        ppls = generation_perplexities(model, tok, x, y, args.ppl_batch_size, not args.no_progress)
         for r, p in zip(rows, ppls):
             r["ppl"] = None if math.isnan(p) else p  # JSON has no NaN: null = y adds no token
     result = compute_metrics(rows)
     given = "given" if not todo else f"given+{args.scorer}"
     result["scorer"] = args.scorer if len(todo) == len(rows) else given
-    errors = (("scorer", score), ("extra_scorer", extra_score))  # Perspective's failure kinds
+    fns = {"scorer": score, "extra_scorer": extra_score}  # Perspective's failure kinds
     errors = {
-        f"{name}_errors": dict(fn.errors) for name, fn in errors if getattr(fn, "errors", None)
+        f"{k}_errors": dict(fn.errors) for k, fn in fns.items() if getattr(fn, "errors", None)
     }
     result["counts"].update(counts, **errors)
     result["config"] = {
@@ -411,7 +346,7 @@ def main(argv=None):
     # written last: its presence marks the evaluation finished
     bookkeeping.write_json(eval_path, result)
     os.remove(log_path)
-    print(format_table(result, baseline))
+    print(bookkeeping.format_table(result, METRICS, baseline))
     print(f"evaluate.py: {len(rows)} generations of {result['n_prompts']} prompts -> {eval_path}")
 
 

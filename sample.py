@@ -58,9 +58,11 @@ SAMPLING = (
 )
 
 
-def add_sampling_flags(p, num_samples=NUM_SAMPLES, top_p=TOP_P):
+def add_sampling_flags(p, num_samples=NUM_SAMPLES, top_p=TOP_P, split="train"):
     """The flags of y ~ p_θ(· | f̂, x), shared with evaluate.py (its defaults: the paper's for evaluation)."""
     a, count, prob = p.add_argument, finite(1, kind=int), finite(0, 1, strict=True)
+    a("--split", default=split, help="dataset split when --prompts goes through `datasets`")
+    a("--prompt-field", help="dotted field of x (e.g. prompt.text): read --prompts with `datasets`")
     a("--num-samples", type=count, default=num_samples, help="y per x (paper, evaluation: 25)")
     a("--max-new-tokens", type=count, default=MAX_NEW_TOKENS, help="max new tokens (paper: 20)")
     a(
@@ -74,6 +76,8 @@ def add_sampling_flags(p, num_samples=NUM_SAMPLES, top_p=TOP_P):
     a("--batch-size", type=count, default=BATCH_SIZE, help="prompts per generate call (default 64)")
     a("--seed", type=int, default=SEED, help="seed of y and of ALT_LMU's f̂: same seed, same rows")
     a("--condition-pool", help="JSON list of exemplar feedbacks, one drawn per x (ALT_LMU)")
+    a("--device", help="default: cuda when a GPU is present, else cpu")
+    a("--trust-remote-code", action="store_true", help="run the model's own code (default: off)")
 
 
 def check_sampling_flags(p, args):
@@ -91,8 +95,6 @@ def parse_args(argv=None):
     a("--model", help="policy p_θ: local folder or HF name (iteration 1: the reference p_0)")
     a("--prompts", help="prompt JSONL, or an HF dataset name (with --prompt-field)")
     a("--out", help="output datapool JSONL (with --shard: OUT.shard-i-of-n)")
-    a("--split", default="train", help="dataset split when --prompts goes through `datasets`")
-    a("--prompt-field", help="dotted field of x (e.g. prompt.text): read --prompts with `datasets`")
     add_sampling_flags(p)
     a(
         "--exact-sampler",
@@ -108,10 +110,8 @@ def parse_args(argv=None):
     a("--iteration", type=int, default=ITERATION, help="ALT iteration k stored in each row")
     a("--shard", type=bookkeeping.parse_shard, help="i/n: only prompts with index %% n == i")
     a("--merge", metavar="OUT", help="join OUT.shard-*-of-n into OUT and exit")
-    a("--device", help="default: cuda when a GPU is present, else cpu")
     dtypes = ("float32", "bfloat16", "float16")
     a("--dtype", choices=dtypes, help="default: bfloat16 on GPU, float32 on CPU")
-    a("--trust-remote-code", action="store_true", help="run the model's own code (default: off)")
     a("--overwrite", action="store_true", help="redo even when OUT exists")
     a("--no-progress", action="store_true", help="hide the tqdm bar")
     args = p.parse_args(argv)
@@ -175,12 +175,8 @@ def sample_batch(
     greedy = temperature == 0
     k = 1 if greedy else num_samples
     rows = [t for t in batch_ids for _ in range(k)]  # row r*k + j is sample j of input r
-    width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B * k, width), left-padded
-    mask = torch.zeros_like(input_ids)
-    for r, t in enumerate(rows):
-        input_ids[r, width - len(t) :] = torch.tensor(t)
-        mask[r, width - len(t) :] = 1
+    input_ids, mask = bookkeeping.pad_batch(rows, pad, left=True)  # (B * k, width)
+    width = input_ids.shape[1]
     # the textbook path: y_t ~ p_θ(· | f̂, x, y<t), HF's own nucleus sampling (top_k 0: no top-k cut)
     draw = dict(do_sample=True, top_p=top_p, temperature=temperature, top_k=0)
     if greedy or exact_sampler:  # greedy decoding, or greedy over InverseCdfSampler's one-hot draw

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import bookkeeping
 import evaluate
 from bookkeeping import AltError
 from common import SEPARATOR
@@ -409,8 +410,8 @@ def test_table_columns():
         "scorer": "profanity-check",
         "extra": {**{k: 0.5 for k in evaluate.METRICS}, "scorer": "hf:tox"},
     }
-    lines = evaluate.format_table(
-        res, baseline={"avg_max_toxicity": 0.75, "n_prompts": 3}
+    lines = bookkeeping.format_table(
+        res, evaluate.METRICS, baseline={"avg_max_toxicity": 0.75, "n_prompts": 3}
     ).splitlines()
     assert lines[0].split() == [
         "metric",
