@@ -5,7 +5,9 @@ finite-number type (finite, finite_number), atomic JSON/JSONL writes and reads, 
 (finished), the resumable journal (open_journal: sample's OUT.partial, evaluate's eval.partial.jsonl, feedback's
 judge cache, the trainers' logs), the resume checkpoint with its RNG state (save/find/load/remove_checkpoint), the
 context-length lookup, row checks against a declared schema (check_row), the overlap check of output and input
-paths, the Hub probe, seeding, the default device and the run folder's lock (hold_lock).
+paths, the Hub probe, seeding, the default device and the run folder's lock (hold_lock). For sample.py and
+evaluate.py: length-sorted batches with left truncation (plan_batches), resumable journaled batches (run_batches,
+score_chunks), --shard / --merge, the prompt checks, --generations rows and the metrics table.
 """
 
 import argparse
@@ -619,34 +621,7 @@ def read_generations(path):
     return [r for _, r in rows]
 
 
-def format_table(result, metrics, baseline=None):
-    """evaluate.py's table of eval.json `result`, a row per key of `metrics`, fixed width: metric, value [, the
-    extra scorer's value] [, baseline, delta]."""
-
-    def fmt(v, sign=""):  # sign "+" for a delta
-        return "-" if v is None else f"{v:{sign}}" if isinstance(v, int) else f"{v:{sign}.4f}"
-
-    def delta(k):
-        a, b = result.get(k), baseline.get(k)
-        return (
-            fmt(a - b, "+") if isinstance(a, (int, float)) and isinstance(b, (int, float)) else "-"
-        )
-
-    cols = [("metric", str), (f"value [{result['scorer']}]", lambda k: fmt(result.get(k)))]
-    if result.get("extra"):
-        cols.append((f"extra [{result['extra']['scorer']}]", lambda k: fmt(result["extra"].get(k))))
-    if baseline is not None:
-        cols += [("baseline", lambda k: fmt(baseline.get(k))), ("delta", delta)]
-    cells = [[name for name, _ in cols]] + [[f(k) for _, f in cols] for k in metrics]
-    widths = [max(len(row[c]) for row in cells) for c in range(len(cols))]
-    lines = [
-        "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths)))
-        for row in cells
-    ]
-    return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
-
-
-# ----------------------------------------------------------------------------- batches, shards, prompts (sample, evaluate)
+# ----------------------------------------------------------------------------- sampling and scoring
 def plan_batches(ids, batch_size, context, max_new_tokens, keep=None, stats=None):
     """Token ids per input -> (ids left-truncated to context - max_new_tokens, batches of input indices sorted by
     length: little padding, the longest first so that an OOM shows in the first batch). Truncation cuts the start
@@ -844,6 +819,33 @@ def check_prompts(prompts, where, control, unique_ids=False, allow_none=False):
     if not keep and not allow_none:
         raise AltError(f"{where}: all {len(prompts)} prompts are empty")
     return keep
+
+
+def format_table(result, metrics, baseline=None):
+    """evaluate.py's table of eval.json `result`, a row per key of `metrics`, fixed width: metric, value [, the
+    extra scorer's value] [, baseline, delta]."""
+
+    def fmt(v, sign=""):  # sign "+" for a delta
+        return "-" if v is None else f"{v:{sign}}" if isinstance(v, int) else f"{v:{sign}.4f}"
+
+    def delta(k):
+        a, b = result.get(k), baseline.get(k)
+        return (
+            fmt(a - b, "+") if isinstance(a, (int, float)) and isinstance(b, (int, float)) else "-"
+        )
+
+    cols = [("metric", str), (f"value [{result['scorer']}]", lambda k: fmt(result.get(k)))]
+    if result.get("extra"):
+        cols.append((f"extra [{result['extra']['scorer']}]", lambda k: fmt(result["extra"].get(k))))
+    if baseline is not None:
+        cols += [("baseline", lambda k: fmt(baseline.get(k))), ("delta", delta)]
+    cells = [[name for name, _ in cols]] + [[f(k) for _, f in cols] for k in metrics]
+    widths = [max(len(row[c]) for row in cells) for c in range(len(cols))]
+    lines = [
+        "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths)))
+        for row in cells
+    ]
+    return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
 
 
 # ----------------------------------------------------------------------------- locks

@@ -64,7 +64,7 @@ def add_sampling_flags(p, num_samples=NUM_SAMPLES, top_p=TOP_P, split="train"):
     a("--split", default=split, help="dataset split when --prompts goes through `datasets`")
     a("--prompt-field", help="dotted field of x (e.g. prompt.text): read --prompts with `datasets`")
     a("--num-samples", type=count, default=num_samples, help="y per x (paper, evaluation: 25)")
-    a("--max-new-tokens", type=count, default=MAX_NEW_TOKENS, help="max new tokens (paper: 20)")
+    a("--max-new-tokens", type=count, default=MAX_NEW_TOKENS, help="max tokens of y (paper: 20)")
     a(
         "--min-new-tokens",
         type=finite(0, kind=int),
@@ -72,7 +72,7 @@ def add_sampling_flags(p, num_samples=NUM_SAMPLES, top_p=TOP_P, split="train"):
         help="EOS is blocked before this many tokens (official toxicity code: 3)",
     )
     a("--top-p", type=prob, default=top_p, help="nucleus p (paper: 1.0 to train, 0.9 to evaluate)")
-    a("--temperature", type=finite(0), default=TEMPERATURE, help="T (paper: 1.0; 0: greedy)")
+    a("--temperature", type=finite(0), default=TEMPERATURE, help="T (paper: 1.0; 0 = greedy)")
     a("--batch-size", type=count, default=BATCH_SIZE, help="prompts per generate call (default 64)")
     a("--seed", type=int, default=SEED, help="seed of y and of ALT_LMU's f̂: same seed, same rows")
     a("--condition-pool", help="JSON list of exemplar feedbacks, one drawn per x (ALT_LMU)")
@@ -298,7 +298,7 @@ def main(argv=None):
         digest = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
         config = dict(model=args.model, inputs=digest, **settings, device=device, dtype=dtype)
         done, fh = bookkeeping.open_journal(side, config, fresh=args.overwrite)
-        done = {r["batch"]: r["results"] for r in done}
+        done = bookkeeping.batches_done(done)
         if done:
             print(f"resuming: {len(done)} finished batches in {side}", file=sys.stderr)
         with fh:
