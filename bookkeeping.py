@@ -472,29 +472,29 @@ def default_device_dtype():
     return ("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32")
 
 
-def causal_lm(name, dtype, trust_remote_code=False, local=False):
-    """(model, tokenizer) of a causal LM, as saved, by Hub name or local path; `local`: no Hub calls. Failures are
-    from_pretrained's own exceptions, for the caller to word."""
+def load_fluency_lm(name, args):
+    """evaluate.py's fluency LM exactly as saved: unlike load_policy, no separator row (it would change the
+    softmax). args: evaluate's flags (--fluency-dtype, --device, --trust-remote-code)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kw = dict(trust_remote_code=trust_remote_code, local_files_only=local)
-    tok = AutoTokenizer.from_pretrained(name, **kw)
-    return AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype), **kw), tok
-
-
-def load_fluency_lm(name, dtype, device=None, trust_remote_code=False):
-    """evaluate.py's fluency LM exactly as saved: unlike common.load_policy, no separator row (it would change the
-    softmax) -> (model on `device`, default the default device, tokenizer)."""
     local = hub_unreachable([name])  # cached, Hub unreachable: load without retries
     try:
-        model, tok = causal_lm(name, dtype, trust_remote_code, local)
+        tok = AutoTokenizer.from_pretrained(
+            name, trust_remote_code=args.trust_remote_code, local_files_only=local
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            name,
+            dtype=getattr(torch, args.fluency_dtype),
+            trust_remote_code=args.trust_remote_code,
+            local_files_only=local,
+        )
     except (OSError, ValueError, AttributeError) as e:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise AltError(
             f"cannot load fluency model '{name}'{offline}: {str(e).splitlines()[0]}"
         ) from None
-    return model.to(device or default_device_dtype()[0]), tok
+    return model.to(args.device or default_device_dtype()[0]), tok
 
 
 @functools.lru_cache(maxsize=None)

@@ -24,14 +24,7 @@ Conditioning template (the single source, used by sample, train and evaluate):
 
 import os
 
-from bookkeeping import (
-    AltError,
-    causal_lm,
-    default_device_dtype,
-    hub_unreachable,
-    load_error,
-    read_jsonl,
-)
+from bookkeeping import AltError, default_device_dtype, hub_unreachable, load_error, read_jsonl
 
 SEPARATOR = "<|separator|>"
 # the kinds a pool row's fields may have, for bookkeeping.check_row (prompt_id null: grouped by the prompt text)
@@ -119,12 +112,21 @@ def load_policy(name_or_path, device=None, dtype=None, extra_tokens=(), trust_re
     """Any HF causal LM by Hub name or local path -> (model, tokenizer): left padding, a pad token, and the
     separator (plus `extra_tokens`, e.g. Quark's) added as special tokens with new embedding rows set to EOS's."""
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev, dt = default_device_dtype()
     device, dtype = device or dev, dtype or dt
     local = hub_unreachable([name_or_path])  # cached, Hub unreachable: load without retries
     try:
-        model, tok = causal_lm(name_or_path, dtype, trust_remote_code, local)
+        tok = AutoTokenizer.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, local_files_only=local
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype=getattr(torch, dtype),
+            trust_remote_code=trust_remote_code,
+            local_files_only=local,
+        )
     except Exception as e:  # OSError, ValueError, SafetensorError, UnpicklingError (a pickled .bin)
         raise load_error("model", name_or_path, e) from None
     tok.padding_side = "left"

@@ -316,9 +316,7 @@ def main(argv=None):
     for r in rows:
         r.pop("ppl", None)  # never report a stale fluency score brought in with --generations
     if fluency is not None:
-        model, tok = bookkeeping.load_fluency_lm(
-            fluency, args.fluency_dtype, args.device, args.trust_remote_code
-        )
+        model, tok = bookkeeping.load_fluency_lm(fluency, args)
         x, y = [r["prompt"] for r in rows], [r["generation"] for r in rows]
         ppls = generation_perplexities(model, tok, x, y, args.ppl_batch_size, not args.no_progress)
         for r, p in zip(rows, ppls):
