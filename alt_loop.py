@@ -19,7 +19,7 @@ Run folder:  runs/NAME/config.json               the resolved flags, written onc
              runs/NAME/alt_loop.lock             flock held by the running alt_loop (its pid, host)
              runs/NAME/iter_0/eval/              p_0's evaluation
              runs/NAME/iter_k/{samples.jsonl, pool.jsonl, pool.meta.json, model/, eval/}
-             runs/NAME/curves.png, results.md    redrawn after every iteration
+             runs/NAME/curves.png, results.md    redrawn after every iteration (compare.report)
 Resume: kill it anywhere and run the same command again. A stage whose output exists is skipped
 (outputs are written atomically, so existing means finished); a half-done stage resumes through its
 own side files.
@@ -42,16 +42,15 @@ import time
 
 from bookkeeping import (
     AltError,
-    atomic_open,
     cli,
     finite,
     hold_lock,
     hub_unreachable,
     read_json,
-    read_jsonl,
     write_json,
 )
 from common import QUANTILE_METHODS, meta_path
+from compare import report
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PRESETS = os.path.join(ROOT, "configs", "presets")
@@ -65,12 +64,6 @@ def here(*parts):
 TOY = here("toy", "model")
 TOY_JUDGE = "hf:" + here("toy", "scorer")
 METHODS = ("alt-rm", "quark", "alt-lmc", "alt-lmu", "steerlm", "dpo")
-CURVES = (
-    ("avg_max_toxicity", "avg-max toxicity"),
-    ("toxicity_prob", "toxicity prob"),
-    ("fluency_ppl", "fluency ppl (p_0)"),
-    ("dist_3", "dist-3"),
-)
 NOT_IN_PRESETS = ("preset", "dry_run", "compare")
 LOCK = "alt_loop.lock"  # in the run folder: pid and host of the alt_loop running it
 
@@ -656,82 +649,9 @@ def stages(args):
         print(("" if dry else "\n") + f"# then once, on the test split: {show(last)}")
 
 
-# ----------------------------------------------------------------------------- curves and table
-def collect(run_dir):
-    """[(k, eval.json, generations sampled so far)] for every finished iteration of a run folder."""
-    rows, sampled = [], 0
-    for k in range(1000):
-        it = os.path.join(run_dir, f"iter_{k}")
-        if not os.path.isdir(it):
-            break
-        summary = os.path.join(it, "model", "train_summary.json")
-        summary = read_json(summary) if os.path.exists(summary) else {}
-        if "generations_sampled" in summary:  # online methods (PPO) count their own rollouts
-            sampled = summary["generations_sampled"]
-        elif os.path.exists(os.path.join(it, "samples.jsonl")):
-            sampled += len(read_jsonl(os.path.join(it, "samples.jsonl"), allow_empty=True))
-        if os.path.exists(os.path.join(it, "eval", "eval.json")):
-            rows.append((k, read_json(os.path.join(it, "eval", "eval.json")), sampled))
-    return rows
-
-
-def report(runs, out):
-    """Draw curves.png and write results.md for `runs` (the current run plus its siblings under
-    the same parent)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if len(runs) == 1:  # one line per method run under runs/: draw the siblings too
-        parent = os.path.dirname(os.path.abspath(runs[0]))
-        runs = sorted(
-            {
-                os.path.abspath(r)
-                for r in [*runs, *glob.glob(os.path.join(parent, "*"))]
-                if os.path.isdir(os.path.join(r, "iter_0"))
-            }
-        )
-    data = {os.path.basename(os.path.normpath(r)): collect(r) for r in runs}
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.3))
-    for ax, (key, title) in zip(axes, CURVES):
-        for name, rows in data.items():
-            pts = [(n, e.get(key)) for _, e, n in rows if e.get(key) is not None]  # equal budget
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set_title(title)
-        if key == "fluency_ppl":  # a collapsed run (ppl in the thousands) would flatten the rest
-            ax.set_yscale("log")
-        ax.set_xlabel("generations sampled")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(out, exist_ok=True)
-    with atomic_open(os.path.join(out, "curves.png"), "wb") as fh:
-        fig.savefig(fh, format="png", dpi=110)
-    plt.close(fig)
-    lines = [
-        "| run | iter | avg-max tox | tox prob | fluency ppl | dist-3 | generations sampled |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, rows in data.items():
-        for k, e, sampled in rows:
-            f = lambda v: "n/a" if v is None else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"  # noqa: E731
-            cells = [
-                f(e.get(m)) for m in ("avg_max_toxicity", "toxicity_prob", "fluency_ppl", "dist_3")
-            ]
-            lines.append(f"| {name} | {k} | {' | '.join(cells)} | {sampled} |")
-    with atomic_open(os.path.join(out, "results.md")) as fh:
-        fh.write("\n".join(lines) + "\n")
-    print(f"[alt_loop] wrote {out}/curves.png and {out}/results.md")
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.compare:
-        missing = [r for r in args.compare if not os.path.isdir(os.path.join(r, "iter_0"))]
-        if missing:
-            raise AltError(f"not a run folder (no iter_0/): {', '.join(missing)}")
         report(args.compare, args.out)
         return
     t0 = time.time()
