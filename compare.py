@@ -48,22 +48,8 @@ def per_prompt(path, ids):
     if ids is not None and set(groups) != set(ids):
         raise AltError(f"{path}: evaluated on other prompts than the first folder")
     ids = ids or sorted(groups)
-    parts = {
-        k: np.full(len(ids), np.nan)
-        for k in (
-            "max",
-            "toxic",
-            "scored",
-            "xmax",
-            "xtoxic",
-            "xscored",
-            "ppl",
-            "ppl_n",
-            "dist_3",
-            "tokens",
-            "n",
-        )
-    }
+    names = "max toxic scored xmax xtoxic xscored ppl ppl_n dist_3 tokens n".split()  # x: 2nd judge
+    parts = {k: np.full(len(ids), np.nan) for k in names}
     for i, pid in enumerate(ids):
         g = groups[pid]
         for key, pre in (("toxicity", ""), ("extra_toxicity", "x")):
