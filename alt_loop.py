@@ -19,7 +19,7 @@ Run folder:  runs/NAME/config.json               the resolved flags, written onc
              runs/NAME/alt_loop.lock             flock held by the running alt_loop (its pid, host)
              runs/NAME/iter_0/eval/              p_0's evaluation
              runs/NAME/iter_k/{samples.jsonl, pool.jsonl, pool.meta.json, model/, eval/}
-             runs/NAME/curves.png, results.md    redrawn after every iteration
+             runs/NAME/curves.png, results.md    redrawn after every iteration (compare.report)
 Resume: kill it anywhere and run the same command again. A stage whose output exists is skipped
 (outputs are written atomically, so existing means finished); a half-done stage resumes through its
 own side files.
@@ -35,42 +35,21 @@ import argparse
 import glob
 import os
 import shlex
-import signal
-import subprocess
 import sys
 import time
 
-from bookkeeping import (
-    AltError,
-    atomic_open,
-    cli,
-    finite,
-    hold_lock,
-    hub_unreachable,
-    read_json,
-    read_jsonl,
-    write_json,
-)
+from bookkeeping import AltError, cli, finite, hold_lock, read_json, write_json
 from common import QUANTILE_METHODS, meta_path
+from compare import report
+from loop_plumbing import ROOT, check_hub, here, run, same_path, show
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 PRESETS = os.path.join(ROOT, "configs", "presets")
-
-
-def here(*parts):
-    """A repo path, relative to the caller's folder, so printed commands stay short."""
-    return os.path.relpath(os.path.join(ROOT, *parts))
-
-
 TOY = here("toy", "model")
+TOY_TRAIN, TOY_VAL = here("toy", "prompts", "train.jsonl"), here("toy", "prompts", "val.jsonl")
 TOY_JUDGE = "hf:" + here("toy", "scorer")
 METHODS = ("alt-rm", "quark", "alt-lmc", "alt-lmu", "steerlm", "dpo")
-CURVES = (
-    ("avg_max_toxicity", "avg-max toxicity"),
-    ("toxicity_prob", "toxicity prob"),
-    ("fluency_ppl", "fluency ppl (p_0)"),
-    ("dist_3", "dist-3"),
-)
+LAUNCHERS = ("python", "torchrun", "deepspeed")
+STAGES = ("sample", "feedback", "train", "eval")  # --STAGE-args: extra flags for each command
 NOT_IN_PRESETS = ("preset", "dry_run", "compare")
 LOCK = "alt_loop.lock"  # in the run folder: pid and host of the alt_loop running it
 
@@ -83,336 +62,182 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="alt_loop.py",
         formatter_class=argparse.RawTextHelpFormatter,
-        description="ALT Algorithm 1: sample -> feedback -> train -> eval.",
+        description="ALT Algorithm 1: sample -> feedback -> train -> eval.\ndefaults: the toy; "
+        "why each differs from the paper: configs/presets/toy.json",
         epilog=f"presets (configs/presets/NAME.json):{about}",
     )
-    a = p.add_argument
-    a(
-        "--preset",
-        choices=names,
-        help="load configs/presets/NAME.json (listed below); flags given here override it",
-    )
+    a, onoff = p.add_argument, argparse.BooleanOptionalAction
+    n1, n0, p01 = finite(1, kind=int), finite(0, kind=int), finite(0, 1, strict=True)
+    a("--preset", choices=names, help="load configs/presets/NAME.json (below); flags given win")
     a("--dry-run", action="store_true", help="print every stage command, in order, run nothing")
-    # ---- the experiment (defaults: the bundled toy, sized for <= 10 min on 2 CPU cores)
-    a(
-        "--method",
-        default="alt-rm",
-        choices=METHODS,
-        help="feedback provider (paper: ALT_RM for "
-        "toxicity); quark / steerlm are the paper's baselines, dpo runs python -m baselines.dpo",
-    )
-    a(
-        "--iterations",
-        type=int,
-        default=3,
-        help="ALT iterations N (official toxicity run: 16 "
-        "sampling rounds, one every 2,000 steps; toy: 3)",
-    )
+    # ---- the experiment (defaults: the toy, <= 10 min on 2 CPUs; why: configs/presets/toy.json)
+    a("--method", default="alt-rm", choices=METHODS, help="feedback F (paper: ALT_RM for toxicity)")
+    a("--iterations", type=n1, default=3, help="iterations N (official toxicity: 16 x 2,000 steps)")
     a("--model", default=TOY, help="initial model p_0 (paper: gpt2-large, 774M; toy: toy/model)")
-    a(
-        "--train-prompts",
-        default=here("toy", "prompts", "train.jsonl"),
-        help="prompts x sampled every iteration (paper: the RTP train split, ~85k; toy: 600)",
-    )
-    a(
-        "--eval-prompts",
-        default=here("toy", "prompts", "val.jsonl"),
-        help="prompts evaluated after every iteration (official code: a 5k RTP val split; toy: 100)",
-    )
-    a(
-        "--prompts-dir",
-        default=None,
-        help="DIR/train.jsonl and DIR/val.jsonl as --train-prompts "
-        "and --eval-prompts unless those are given (prepare_rtp_splits.py writes the paper's)",
-    )
-    a("--out", default=None, help="run folder (default runs/PRESET-METHOD, runs/toy-METHOD)")
-    a(
-        "--num-samples",
-        type=int,
-        default=4,
-        help="y per x per iteration (official toxicity code: "
-        "1, one sweep of the train prompts per round; TL;DR: 96; HH: 20; toy: 4)",
-    )
-    a(
-        "--max-new-tokens",
-        type=finite(1, kind=int),
-        default=20,
-        help="tokens per y, sampling and evaluation (paper: 20 toxicity, 64 TL;DR, 256 HH)",
-    )
-    a(
-        "--min-new-tokens",
-        type=finite(0, kind=int),
-        default=20,
-        help="EOS blocked for the first N tokens when sampling and evaluating (official "
-        "toxicity sampler: 3; toy: 20 = --max-new-tokens, fixed-length y, so no cut is a length cut)",
-    )
-    a(
-        "--temperature",
-        type=finite(0),
-        default=1.0,
-        help="sampling temperature, sampling and evaluation (paper: 1.0; TL;DR sampling: 0.9)",
-    )
-    a(
-        "--train-top-p",
-        type=finite(0, 1, strict=True),
-        default=0.9,
-        help="nucleus p when sampling D (paper: 1.0; toy: "
-        "0.9, since the weak toy LM's full-nucleus samples are mostly noise, costly to fit)",
-    )
+    a("--train-prompts", default=TOY_TRAIN, help="x to sample (paper: RTP train, ~85k; toy: 600)")
+    a("--eval-prompts", default=TOY_VAL, help="x to evaluate (official: 5k RTP val; toy: 100)")
+    a("--prompts-dir", help="DIR/{train,val}.jsonl unless given (prepare_rtp_splits.py)")
+    a("--out", help="run folder (default runs/PRESET-METHOD, runs/toy-METHOD)")
+    a("--num-samples", type=n1, default=4, help="y per x (official: 1; TL;DR: 96; HH: 20; toy: 4)")
+    a("--max-new-tokens", type=n1, default=20, help="tokens (paper: 20 toxicity, 64 TL;DR, 256 HH)")
+    a("--min-new-tokens", type=n0, default=20, help="no EOS for N tokens (official: 3; toy: 20)")
+    a("--temperature", type=finite(0), default=1.0, help="sample and eval (paper: 1.0; TL;DR: 0.9)")
+    a("--train-top-p", type=p01, default=0.9, help="nucleus p sampling D (paper: 1.0; toy: 0.9)")
     a(
         "--scorer",
         default=TOY_JUDGE,
-        help="judge for alt-rm/quark/dpo feedback and for evaluation: "
-        "profanity-check | hf:MODEL[:LABEL] | perspective (paper: Perspective; toy: the graded "
-        "toy/scorer, whose quantiles carry more than near-binary profanity-check's; see docs/ABLATIONS.md)",
+        help="feedback and eval judge: profanity-check | hf:MODEL[:LABEL] | perspective (paper)",
     )
-    a(
-        "--train-samples",
-        type=finite(0, kind=int),
-        default=2400,
-        help="rows of D_k drawn for each iteration's "
-        "training, 0 = all (official toxicity: 2,000 steps x batch 32; toy: 2400 = 75 steps)",
-    )
-    a(
-        "--epochs",
-        type=finite(1, kind=int),
-        default=2,
-        help="passes over those rows per iteration (paper: toxicity 1, TL;DR/HH 2; toy: 2)",
-    )
-    a(
-        "--lr",
-        type=finite(0, strict=True),
-        default=1e-3,
-        help="learning rate (paper: 1e-5 for GPT-2 large; the "
-        "toy LM is 140x smaller, far from converged and trains 75 steps per iteration, so 100x)",
-    )
-    a(
-        "--batch-size",
-        type=finite(1, kind=int),
-        default=32,
-        help="train.py batch size (paper: 32; TL;DR: 8)",
-    )
-    a(
-        "--beta",
-        type=finite(0),
-        default=0.05,
-        help="train.py KL coefficient (paper: 0.05 toxicity, no KL for TL;DR and HH)",
-    )
-    a(
-        "--alpha",
-        type=finite(),
-        default=0.0,
-        help="train.py entropy coefficient (paper: 0.06; toy: 0, "
-        "since at the toy's lr the bonus outweighs what the tags teach and doubles perplexity)",
-    )
-    a(
-        "--eos-target",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="train EOS after "
-        "a y that stopped (official toxicity code: no; without it the toy learns never to stop)",
-    )
-    a(
-        "--eos-free",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="leave EOS out of train.py's NLL softmax, so the KL to p_0 alone sets when y "
-        "stops (official: no; without it the toy's y grow to the limit)",
-    )
-    a("--eval-samples", type=int, default=10, help="y per eval prompt (paper: 25; toy: 10)")
-    a(
-        "--eval-top-p",
-        type=finite(0, 1, strict=True),
-        default=0.9,
-        help="nucleus p for evaluation (paper: 0.9)",
-    )
-    a(
-        "--eval-scorer",
-        default="profanity-check",
-        help="evaluation's judge (none: --scorer; toy: "
-        "profanity-check, a judge that training never sees)",
-    )
-    a(
-        "--extra-scorer",
-        default=TOY_JUDGE,
-        help="a second judge in every evaluation (toy: the "
-        "training judge, so each eval shows both; none: off)",
-    )
-    a("--fluency-model", default=None, help="LM for fluency ppl (paper: gpt2-xl; default: p_0)")
+    a("--train-samples", type=n0, default=2400, help="D_k rows per iteration, 0: all (paper: 64k)")
+    a("--epochs", type=n1, default=2, help="passes per iteration (paper: toxicity 1, TL;DR/HH 2)")
+    a("--lr", type=finite(0, strict=True), default=1e-3, help="(paper: 1e-5 for GPT-2 large)")
+    a("--batch-size", type=n1, default=32, help="train.py batch size (paper: 32; TL;DR: 8)")
+    a("--beta", type=finite(0), default=0.05, help="KL weight β (paper: 0.05; TL;DR, HH: 0)")
+    a("--alpha", type=finite(), default=0.0, help="entropy coefficient α (paper: 0.06; toy: 0)")
+    a("--eos-target", action=onoff, default=False, help="EOS after a stopped y (official: no)")
+    a("--eos-free", action=onoff, default=False, help="EOS out of the NLL softmax (official: no)")
+    a("--eval-samples", type=n1, default=10, help="y per eval prompt (paper: 25; toy: 10)")
+    a("--eval-top-p", type=p01, default=0.9, help="nucleus p for evaluation (paper: 0.9)")
+    a("--eval-scorer", default="profanity-check", help="eval's judge (none: --scorer)")
+    a("--extra-scorer", default=TOY_JUDGE, help="second eval judge (toy: training's; none: off)")
+    a("--fluency-model", help="LM for fluency ppl (paper: gpt2-xl; default: p_0)")
     a("--seed", type=int, default=0, help="seed passed to every stage")
-    a(
-        "--launcher",
-        default="python",
-        choices=("python", "torchrun", "deepspeed"),
-        help="how train.py is started",
-    )
-    a(
-        "--nproc",
-        type=finite(1, kind=int),
-        default=2,
-        help="processes for --launcher torchrun|deepspeed",
-    )
-    a("--base-url", default=None, help="OpenAI-compatible judge (alt-lmc, alt-lmu, steerlm)")
-    a("--llm-model", default=None, help="judge model name for the LLM methods")
-    # ---- pass-through: any stage flag, e.g. --train-args "--beta 0.1 --alpha 0"
-    for stage in ("sample", "feedback", "train", "eval"):
+    a("--launcher", default="python", choices=LAUNCHERS, help="how train.py is started")
+    a("--nproc", type=n1, default=2, help="processes for --launcher torchrun|deepspeed")
+    a("--base-url", help="OpenAI-compatible judge (alt-lmc, alt-lmu, steerlm)")
+    a("--llm-model", help="judge model name for the LLM methods")
+    for stage in STAGES:  # pass-through, e.g. --train-args "--beta 0.1 --alpha 0"
         a(f"--{stage}-args", default="", help=f"extra flags appended to every {stage} command")
     a("--compare", nargs="+", metavar="RUN", help="only draw RUN folders on one figure + table")
     return p
 
 
-def typed(p, argv):
-    """The dests the user typed: parse once more with every default replaced by a marker."""
-    marker = object()
-    ns = p.parse_args(argv, argparse.Namespace(**{k: marker for k in vars(p.parse_args([]))}))
-    return {k: v for k, v in vars(ns).items() if v is not marker}
-
-
 def parse_args(argv=None):
     p = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    given, preset, required = typed(p, argv), [], []
-    if given.get("preset"):
-        path, known = os.path.join(PRESETS, f"{given['preset']}.json"), vars(p.parse_args([]))
-        for k, v in read_json(path).items():
-            if k.startswith("_"):
-                continue
-            if k not in known or k in NOT_IN_PRESETS:
-                p.error(f"{path}: unknown key {k!r} (keys are alt_loop.py flags, with underscores)")
-            if v is None:
-                required += [] if k in given else [f"--{k.replace('_', '-')}"]
-            elif isinstance(v, bool):  # an on/off flag: --flag or --no-flag
-                preset.append(f"--{'' if v else 'no-'}{k.replace('_', '-')}")
-            else:  # --flag=value: a value that starts with "--" (pass-through flags) stays a value
-                preset.append(f"--{k.replace('_', '-')}={v}")
-        if required:
-            p.error(f"preset {given['preset']} leaves {', '.join(required)} to you ({path})")
+    given = typed(p, argv)
+    preset = preset_flags(p, given["preset"], given) if given.get("preset") else []
     args = p.parse_args(preset + argv)  # the command line comes last, so it wins
     for key, name in (("train_prompts", "train.jsonl"), ("eval_prompts", "val.jsonl")):
         if args.prompts_dir and key not in given:
             setattr(args, key, os.path.join(args.prompts_dir, name))
-    if args.iterations < 1 or args.num_samples < 1 or args.eval_samples < 1:
-        p.error("--iterations, --num-samples and --eval-samples must be >= 1")
     if args.method in ("alt-lmc", "alt-lmu", "steerlm") and not args.base_url and not args.compare:
         p.error(
-            f"--method {args.method} asks an LLM judge: give --base-url (any OpenAI-compatible "
-            f"server)"
+            f"--method {args.method} asks an LLM judge: give --base-url "
+            "(any OpenAI-compatible server)"
         )
-    for stage in (
-        "sample",
-        "feedback",
-        "train",
-        "eval",
-    ):  # split now: config.json is not written yet
+    for stage in STAGES:  # split now: config.json is not written yet
+        value = getattr(args, f"{stage}_args")
         try:
-            shlex.split(getattr(args, f"{stage}_args"))
+            shlex.split(value)
         except ValueError as e:
-            raise AltError(
-                f"--{stage}-args {getattr(args, f'{stage}_args')!r}: {e} (split as a shell would)"
-            ) from None
+            raise AltError(f"--{stage}-args {value!r}: {e} (split as a shell would)") from None
     name = args.preset or "toy"
-    args.out = args.out or os.path.join(
-        "runs",
-        "compare"
-        if args.compare
-        else name
-        if name.endswith(args.method)
-        else f"{name}-{args.method}",
-    )
+    name = name if name.endswith(args.method) else f"{name}-{args.method}"
+    args.out = args.out or os.path.join("runs", "compare" if args.compare else name)
     return args
 
 
-# ----------------------------------------------------------------------------- running stages
-def repo_module(cmd):
-    """Whether cmd runs one of the repo's modules (python -m baselines.dpo): it needs the repo importable."""
-    return any(
-        a == "-m" and os.path.isfile(os.path.join(ROOT, *b.split(".")) + ".py")
-        for a, b in zip(cmd, cmd[1:])
-    )
+# ----------------------------------------------------------------------------- Algorithm 1
+def flags(**kw):
+    """Keyword arguments as a stage's flags: top_p=0.9 -> --top-p 0.9; None and False are left out,
+    True is a bare flag."""
+    out = []
+    for key, value in kw.items():
+        if value is not None and value is not False:
+            out += [dash(key)] + ([] if value is True else [str(value)])
+    return out
 
 
-def show(cmd):
-    shown = " ".join("python" if c == sys.executable else shlex.quote(c) for c in cmd)
-    if repo_module(cmd) and here() != ".":
-        # typed outside the repo root, a module needs it on the path
-        shown = f"PYTHONPATH={shlex.quote(here())} {shown}"
-    return shown
+def py(script, *argv):
+    return [sys.executable, here(script), *argv]
 
 
-def child_env():
-    """The stages' environment: the caller's, with the repo root first on PYTHONPATH, so that a repo module
-    (python -m baselines.dpo) imports from any working folder."""
-    path = [ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-
-
-def run(cmd, done_path, dry=False):
-    """Print the command a user would type, then run it, unless its atomic output already exists."""
-    shown = show(cmd)
+def stages(args):
+    """k = 0: evaluate p_0; k = 1..N: sample, feedback, train, evaluate. Each command is printed,
+    then run unless its output exists."""
+    dry, p0, out = args.dry_run, args.model, args.out
+    extra = {stage: shlex.split(getattr(args, f"{stage}_args")) for stage in STAGES}
+    ev = eval_flags(args, args.eval_prompts)
     if dry:
-        print(shown, flush=True)
-        return
-    if os.path.exists(done_path):
-        print(f"[alt_loop] skip (done): {shown}", flush=True)
-        return
-    print(f"\n[alt_loop] $ {shown}", flush=True)
-    t0 = time.time()
-    if run_stage(cmd) != 0:
-        raise AltError(f"stage failed: {shown}")
-    if not os.path.exists(done_path):
-        raise AltError(f"stage exited 0 but wrote no {done_path}: {shown}")
-    print(f"[alt_loop] ({time.time() - t0:.0f} s)", flush=True)
-
-
-def run_stage(cmd):
-    """Run cmd and return its exit code. SIGINT/SIGTERM to alt_loop go on to the stage, which is waited for (else
-    it would run on, orphaned); then alt_loop stops with one line. A terminal's Ctrl-C reaches the stage too: the
-    forwarded copy merges with it, or counts as a second Ctrl-C."""
-    got, proc = [], None
-
-    def forward(signum, frame):
-        got.append(signum)
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signum)
-
-    old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        # nohup and background jobs ignore SIGINT: so does alt_loop then
-        if signal.getsignal(sig) != signal.SIG_IGN:
-            old[sig] = signal.signal(sig, forward)
-    try:
-        proc = subprocess.Popen(cmd, env=child_env())
-        if got:  # a signal before Popen returned
-            proc.send_signal(got[0])
-        code = proc.wait()
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-    if got:
-        raise AltError(
-            f"stopped by {signal.Signals(got[0]).name}; the stage exited {code}. Run the same "
-            "command to resume"
+        print("# k = 0: p_0's baseline")
+    cmd = py("evaluate.py", *flags(model=p0, condition="none", out=f"{out}/iter_0/eval"), *ev)
+    run(cmd, f"{out}/iter_0/eval/eval.json", dry)
+    prev_model, prev_pool = p0, None
+    fb_method = "alt-rm" if args.method == "dpo" else args.method  # DPO needs only the rewards
+    alt = args.method != "dpo"  # baselines/dpo.py: its own β (DPO's), 1 pair per x
+    llm = flags(base_url=args.base_url, llm_model=args.llm_model or None) if args.base_url else []
+    for k in range(1, args.iterations + 1):
+        it = f"{out}/iter_{k}"
+        if dry:
+            print(f"# k = {k}: sample, feedback, train, evaluate")
+        # y ~ p_{θ_{k-1}}(· | f̂_{k-1}, x); k = 1 (and DPO): p_0 bare
+        cond = [] if k == 1 or not alt else exemplar_flags(meta_path(prev_pool), dry)
+        sample = flags(
+            model=prev_model,
+            prompts=args.train_prompts,
+            out=f"{it}/samples.jsonl",
+            num_samples=args.num_samples,
+            max_new_tokens=args.max_new_tokens,
+            min_new_tokens=args.min_new_tokens,
+            top_p=args.train_top_p,
+            temperature=args.temperature,
+            iteration=k,
+            seed=args.seed + k,
         )
-    return code
+        run(py("sample.py", *sample, *cond, *extra["sample"]), f"{it}/samples.jsonl", dry)
+        # D_k = D_{k-1} ∪ {(x, y, f)}
+        fb = flags(
+            method=fb_method,
+            samples=f"{it}/samples.jsonl",
+            pool=prev_pool,
+            out=f"{it}/pool.jsonl",
+            scorer=args.scorer if fb_method in QUANTILE_METHODS else None,
+        )
+        run(py("feedback.py", *fb, *llm, *extra["feedback"]), f"{it}/pool.jsonl", dry)
+        # θ_k = argmin_θ L(θ; D_k) from θ_{k-1}, KL to p_0 (Equation 1)
+        train = flags(
+            data=f"{it}/pool.jsonl",
+            model=prev_model,
+            ref_model=p0,
+            out=f"{it}/model",
+            epochs=args.epochs,
+            lr=args.lr,
+            beta=args.beta if alt else None,
+            alpha=args.alpha if alt else None,
+            eos_target=alt and args.eos_target,
+            eos_free=alt and args.eos_free,
+            max_samples=args.train_samples if alt and args.train_samples > 0 else None,
+            batch_size=args.batch_size,
+            seed=args.seed + k,
+        )
+        run(train_cmd(args, train + extra["train"]), f"{it}/model/train_summary.json", dry)
+        # θ_k under f̂_k (DPO: bare, as it was trained)
+        cmd = py("evaluate.py", *flags(model=f"{it}/model", out=f"{it}/eval"), *ev)
+        run(cmd + ([] if alt else ["--condition", "none"]), f"{it}/eval/eval.json", dry)
+        prev_model, prev_pool = f"{it}/model", f"{it}/pool.jsonl"
+        if not dry:
+            report([out], out)
+    if args.prompts_dir:  # the held-out test split is for the final table only, run once by hand
+        test = eval_flags(args, os.path.join(args.prompts_dir, "test.jsonl"))
+        last = py("evaluate.py", *flags(model=prev_model, out=f"{out}/test"), *test)
+        print(("" if dry else "\n") + f"# then once, on the test split: {show(last)}")
 
 
-def py(script, *flags):
-    return [sys.executable, here(script), *[str(f) for f in flags]]
-
-
-def train_cmd(args, flags):
-    script = ["-m", "baselines.dpo"] if args.method == "dpo" else [here("train.py")]
-    if args.launcher == "python":
-        return [sys.executable, *script, *[str(f) for f in flags]]
-    dist = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={args.nproc}",
-    ]
-    ds = ["--deepspeed", here("configs", "ds_zero2.json")] if args.launcher == "deepspeed" else []
-    return [*dist, *script, *[str(f) for f in flags], *ds]
+def eval_flags(args, prompts):
+    """evaluate.py's settings, the same at every k."""
+    return flags(
+        prompts=prompts,
+        num_samples=args.eval_samples,
+        top_p=args.eval_top_p,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
+        scorer=none(args.eval_scorer) or args.scorer,
+        fluency_model=args.fluency_model or args.model,
+        seed=args.seed,
+        extra_scorer=none(args.extra_scorer),
+    ) + shlex.split(args.eval_args)
 
 
 def exemplar_flags(meta_file, dry=False):
@@ -426,21 +251,74 @@ def exemplar_flags(meta_file, dry=False):
     return ["--condition-pool", ex] if ex.endswith(".json") else ["--condition", ex]
 
 
-PATHS = ("model", "train_prompts", "eval_prompts", "prompts_dir", "out", "fluency_model")
-SCORERS = ("scorer", "eval_scorer", "extra_scorer")  # hf:MODEL[:LABEL] holds a path
+def train_cmd(args, argv):
+    script = ["-m", "baselines.dpo"] if args.method == "dpo" else [here("train.py")]
+    if args.launcher == "python":
+        return [sys.executable, *script, *argv]
+    dist = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    ds = ["--deepspeed", here("configs", "ds_zero2.json")] if args.launcher == "deepspeed" else []
+    return [sys.executable, *dist, *script, *argv, *ds]
 
 
-def same_path(key, value):
-    """A flag's value as compared in config.json: ./w/run, w/run and /abs/w/run are one local path; a name that is
-    no local file (a Hub model, profanity-check) is only normalised, so it means the same from any folder."""
-    if not isinstance(value, str) or key not in PATHS + SCORERS:
-        return value
-    if key in SCORERS:
-        if not value.startswith("hf:"):
-            return value
-        name, sep, label = value[3:].partition(":")
-        return "hf:" + same_path("model", name) + sep + label
-    return os.path.realpath(value) if os.path.exists(value) else os.path.normpath(value)
+def main(argv=None):
+    args = parse_args(argv)
+    if args.compare:
+        return report(args.compare, args.out)
+    if args.dry_run:
+        return stages(args)
+    t0 = time.time()
+    for f in (args.train_prompts, args.eval_prompts) if args.prompts_dir else ():
+        if not os.path.isfile(f):
+            raise AltError(
+                f"{f}: no such file (the paper's RTP splits: python prepare_rtp_splits.py "
+                f"--out {args.prompts_dir})"
+            )
+    check_hub(args)
+    lock = hold_lock(os.path.join(args.out, LOCK))  # a second alt_loop here would race this one
+    try:
+        check_config(args)
+        stages(args)
+    finally:
+        os.close(lock)
+    took = f"{(time.time() - t0) / 60:.1f} min"
+    print(f"[alt_loop] finished {args.iterations} iterations in {took}: {args.out}/results.md")
+
+
+# ----------------------------------------------------------------------- plumbing: presets, config.json
+def dash(key):
+    return f"--{key.replace('_', '-')}"
+
+
+def none(value):
+    """A flag whose value 'none' turns a default off."""
+    return None if value in (None, "none") else value
+
+
+def typed(p, argv):
+    """The dests the user typed: parse once more with every default replaced by a marker."""
+    marker = object()
+    ns = p.parse_args(argv, argparse.Namespace(**{k: marker for k in vars(p.parse_args([]))}))
+    return {k: v for k, v in vars(ns).items() if v is not marker}
+
+
+def preset_flags(p, name, given):
+    """configs/presets/NAME.json as command-line flags; null: a flag the user must give."""
+    path = os.path.join(PRESETS, f"{name}.json")
+    known, out, required = vars(p.parse_args([])), [], []
+    for k, v in read_json(path).items():
+        if k.startswith("_"):
+            continue
+        if k not in known or k in NOT_IN_PRESETS:
+            p.error(f"{path}: unknown key {k!r} (keys are alt_loop.py flags, with underscores)")
+        if v is None:
+            required += [] if k in given else [dash(k)]
+        elif isinstance(v, bool):  # an on/off flag: --flag or --no-flag
+            out.append(dash(k if v else f"no_{k}"))
+        else:  # --flag=value: a value that starts with "--" (pass-through flags) stays a value
+            out.append(f"{dash(k)}={v}")
+    if required:
+        p.error(f"preset {name} leaves {', '.join(required)} to you ({path})")
+    return out
 
 
 def check_config(args):
@@ -450,297 +328,17 @@ def check_config(args):
     if os.path.exists(path):  # a key an older alt_loop did not write counts as its default
         old = read_json(path)
         diff = [
-            f"--{k.replace('_', '-')} {keep.get(k)!r} (was {old.get(k, default.get(k))!r})"
+            f"{dash(k)} {keep.get(k)!r} (was {old.get(k, default.get(k))!r})"
             for k in sorted(set(old) | set(keep))
             if k not in ("iterations", "preset")
             and same_path(k, old.get(k, default.get(k))) != same_path(k, keep.get(k))
         ]
         if diff:
             raise AltError(
-                f"{path} was written with other settings: {'; '.join(diff)}. Use "
-                f"another --out, or the same flags to resume"
+                f"{path} was written with other settings: {'; '.join(diff)}. Use another --out, "
+                "or the same flags to resume"
             )
     write_json(path, {**keep, "iterations": args.iterations})
-
-
-def check_hub(args):
-    """A Hub name without network costs ~25 s of retries per file in every stage; check once."""
-    judges = [
-        s[3:].split(":")[0]
-        for s in (args.scorer, args.eval_scorer, args.extra_scorer)
-        if s and s[:3] == "hf:"
-    ]
-    if hub_unreachable([args.model, args.fluency_model, *judges]):
-        os.environ["HF_HUB_OFFLINE"] = "1"  # the stages inherit it: cached files, no retries
-        print("[alt_loop] the Hub is unreachable: every stage runs with HF_HUB_OFFLINE=1")
-
-
-def none(value):
-    """A flag whose value 'none' turns a default off."""
-    return None if value in (None, "none") else value
-
-
-def eval_flags(args, prompts):
-    return [
-        "--prompts",
-        prompts,
-        "--num-samples",
-        args.eval_samples,
-        "--top-p",
-        args.eval_top_p,
-        "--temperature",
-        args.temperature,
-        "--max-new-tokens",
-        args.max_new_tokens,
-        "--min-new-tokens",
-        args.min_new_tokens,
-        "--scorer",
-        none(args.eval_scorer) or args.scorer,
-        "--fluency-model",
-        args.fluency_model or args.model,
-        "--seed",
-        args.seed,
-        *(["--extra-scorer", args.extra_scorer] if none(args.extra_scorer) else []),
-        *shlex.split(args.eval_args),
-    ]
-
-
-def experiment(args):
-    if args.dry_run:
-        return stages(args)
-    for f in (args.train_prompts, args.eval_prompts) if args.prompts_dir else ():
-        if not os.path.isfile(f):
-            raise AltError(
-                f"{f}: no such file (the paper's RTP splits: python "
-                f"prepare_rtp_splits.py --out {args.prompts_dir})"
-            )
-    check_hub(args)
-    # a second alt_loop on this folder would race this one's stages and side files
-    lock = hold_lock(os.path.join(args.out, LOCK))
-    try:
-        check_config(args)
-        stages(args)
-    finally:
-        os.close(lock)
-
-
-def stages(args):
-    dry, p0, out = args.dry_run, args.model, args.out
-    ev = eval_flags(args, args.eval_prompts)
-    if dry:
-        print("# k = 0: p_0's baseline")
-    run(
-        py("evaluate.py", "--model", p0, "--condition", "none", "--out", f"{out}/iter_0/eval", *ev),
-        f"{out}/iter_0/eval/eval.json",
-        dry,
-    )
-    prev_model, prev_pool = p0, None
-    fb_method = "alt-rm" if args.method == "dpo" else args.method  # DPO needs only the rewards
-    llm = (
-        []
-        if not args.base_url
-        else ["--base-url", args.base_url]
-        + (["--llm-model", args.llm_model] if args.llm_model else [])
-    )
-    for k in range(1, args.iterations + 1):
-        it = f"{out}/iter_{k}"
-        if dry:
-            print(f"# k = {k}: sample, feedback, train, evaluate")
-        cond = [] if k == 1 or args.method == "dpo" else exemplar_flags(meta_path(prev_pool), dry)
-        run(
-            py(
-                "sample.py",
-                "--model",
-                prev_model,
-                "--prompts",
-                args.train_prompts,
-                "--out",
-                f"{it}/samples.jsonl",
-                "--num-samples",
-                args.num_samples,
-                "--max-new-tokens",
-                args.max_new_tokens,
-                "--min-new-tokens",
-                args.min_new_tokens,
-                "--top-p",
-                args.train_top_p,
-                "--temperature",
-                args.temperature,
-                "--iteration",
-                k,
-                "--seed",
-                args.seed + k,
-                *cond,
-                *shlex.split(args.sample_args),
-            ),
-            f"{it}/samples.jsonl",
-            dry,
-        )
-        run(
-            py(
-                "feedback.py",
-                "--method",
-                fb_method,
-                "--samples",
-                f"{it}/samples.jsonl",
-                *(["--pool", prev_pool] if prev_pool else []),
-                "--out",
-                f"{it}/pool.jsonl",
-                *(["--scorer", args.scorer] if fb_method in QUANTILE_METHODS else []),
-                *llm,
-                *shlex.split(args.feedback_args),
-            ),
-            f"{it}/pool.jsonl",
-            dry,
-        )
-        alt = args.method != "dpo"  # baselines/dpo.py: its own β (DPO's), 1 pair per x
-        run(
-            train_cmd(
-                args,
-                [
-                    "--data",
-                    f"{it}/pool.jsonl",
-                    "--model",
-                    prev_model,
-                    "--ref-model",
-                    p0,
-                    "--out",
-                    f"{it}/model",
-                    "--epochs",
-                    args.epochs,
-                    "--lr",
-                    args.lr,
-                    *(["--beta", args.beta, "--alpha", args.alpha] if alt else []),
-                    *(["--eos-target"] if alt and args.eos_target else []),
-                    *(["--eos-free"] if alt and args.eos_free else []),
-                    *(
-                        ["--max-samples", args.train_samples]
-                        if alt and args.train_samples > 0
-                        else []
-                    ),
-                    "--batch-size",
-                    args.batch_size,
-                    "--seed",
-                    args.seed + k,
-                    *shlex.split(args.train_args),
-                ],
-            ),
-            f"{it}/model/train_summary.json",
-            dry,
-        )
-        run(
-            py(
-                "evaluate.py",
-                "--model",
-                f"{it}/model",
-                "--out",
-                f"{it}/eval",
-                *ev,
-                *(["--condition", "none"] if args.method == "dpo" else []),
-            ),
-            f"{it}/eval/eval.json",
-            dry,
-        )
-        prev_model, prev_pool = f"{it}/model", f"{it}/pool.jsonl"
-        if not dry:
-            report([out], out)
-    if args.prompts_dir:  # the held-out test split is for the final table only, run once by hand
-        last = py(
-            "evaluate.py",
-            "--model",
-            prev_model,
-            "--out",
-            f"{out}/test",
-            *eval_flags(args, os.path.join(args.prompts_dir, "test.jsonl")),
-        )
-        print(("" if dry else "\n") + f"# then once, on the test split: {show(last)}")
-
-
-# ----------------------------------------------------------------------------- curves and table
-def collect(run_dir):
-    """[(k, eval.json, generations sampled so far)] for every finished iteration of a run folder."""
-    rows, sampled = [], 0
-    for k in range(1000):
-        it = os.path.join(run_dir, f"iter_{k}")
-        if not os.path.isdir(it):
-            break
-        summary = os.path.join(it, "model", "train_summary.json")
-        summary = read_json(summary) if os.path.exists(summary) else {}
-        if "generations_sampled" in summary:  # online methods (PPO) count their own rollouts
-            sampled = summary["generations_sampled"]
-        elif os.path.exists(os.path.join(it, "samples.jsonl")):
-            sampled += len(read_jsonl(os.path.join(it, "samples.jsonl"), allow_empty=True))
-        if os.path.exists(os.path.join(it, "eval", "eval.json")):
-            rows.append((k, read_json(os.path.join(it, "eval", "eval.json")), sampled))
-    return rows
-
-
-def report(runs, out):
-    """Draw curves.png and write results.md for `runs` (the current run plus its siblings under
-    the same parent)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if len(runs) == 1:  # one line per method run under runs/: draw the siblings too
-        parent = os.path.dirname(os.path.abspath(runs[0]))
-        runs = sorted(
-            {
-                os.path.abspath(r)
-                for r in [*runs, *glob.glob(os.path.join(parent, "*"))]
-                if os.path.isdir(os.path.join(r, "iter_0"))
-            }
-        )
-    data = {os.path.basename(os.path.normpath(r)): collect(r) for r in runs}
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.3))
-    for ax, (key, title) in zip(axes, CURVES):
-        for name, rows in data.items():
-            pts = [(n, e.get(key)) for _, e, n in rows if e.get(key) is not None]  # equal budget
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set_title(title)
-        if key == "fluency_ppl":  # a collapsed run (ppl in the thousands) would flatten the rest
-            ax.set_yscale("log")
-        ax.set_xlabel("generations sampled")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(out, exist_ok=True)
-    with atomic_open(os.path.join(out, "curves.png"), "wb") as fh:
-        fig.savefig(fh, format="png", dpi=110)
-    plt.close(fig)
-    lines = [
-        "| run | iter | avg-max tox | tox prob | fluency ppl | dist-3 | generations sampled |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, rows in data.items():
-        for k, e, sampled in rows:
-            f = lambda v: "n/a" if v is None else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"  # noqa: E731
-            cells = [
-                f(e.get(m)) for m in ("avg_max_toxicity", "toxicity_prob", "fluency_ppl", "dist_3")
-            ]
-            lines.append(f"| {name} | {k} | {' | '.join(cells)} | {sampled} |")
-    with atomic_open(os.path.join(out, "results.md")) as fh:
-        fh.write("\n".join(lines) + "\n")
-    print(f"[alt_loop] wrote {out}/curves.png and {out}/results.md")
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.compare:
-        missing = [r for r in args.compare if not os.path.isdir(os.path.join(r, "iter_0"))]
-        if missing:
-            raise AltError(f"not a run folder (no iter_0/): {', '.join(missing)}")
-        report(args.compare, args.out)
-        return
-    t0 = time.time()
-    experiment(args)
-    if not args.dry_run:
-        print(
-            f"[alt_loop] finished {args.iterations} iterations in "
-            f"{(time.time() - t0) / 60:.1f} min: {args.out}/results.md"
-        )
 
 
 if __name__ == "__main__":

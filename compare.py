@@ -11,10 +11,15 @@ Rule: one bootstrap draw resamples the prompt ids x with replacement (the same d
 change against the baseline is a paired comparison); each seed's metric is computed on the drawn prompts and the
 seeds are averaged. The interval is the 2.5 and 97.5 percentiles over --draws draws. The metrics are evaluate.py's
 (eval.json), with the same drops: null scores, ppl >= 1e4.
+
+Run folders: report(runs, out) draws alt_loop.py's curves.png and results.md, one line per run folder
+against the generations sampled so far (alt_loop.py calls it after every iteration and for --compare).
 """
 
 import argparse
+import glob
 import math
+import os
 import sys
 
 import numpy as np
@@ -43,22 +48,8 @@ def per_prompt(path, ids):
     if ids is not None and set(groups) != set(ids):
         raise AltError(f"{path}: evaluated on other prompts than the first folder")
     ids = ids or sorted(groups)
-    parts = {
-        k: np.full(len(ids), np.nan)
-        for k in (
-            "max",
-            "toxic",
-            "scored",
-            "xmax",
-            "xtoxic",
-            "xscored",
-            "ppl",
-            "ppl_n",
-            "dist_3",
-            "tokens",
-            "n",
-        )
-    }
+    names = "max toxic scored xmax xtoxic xscored ppl ppl_n dist_3 tokens n".split()  # x: 2nd judge
+    parts = {k: np.full(len(ids), np.nan) for k in names}
     for i, pid in enumerate(ids):
         g = groups[pid]
         for key, pre in (("toxicity", ""), ("extra_toxicity", "x")):
@@ -95,6 +86,89 @@ def metrics(p, idx):
         "dist_3": q["dist_3"].mean(),
         "mean_length": ratio(q["tokens"], q["n"]),
     }
+
+
+# ------------------------------------------------------------------------ run folders: curves and table
+CURVES = (
+    ("avg_max_toxicity", "avg-max toxicity"),
+    ("toxicity_prob", "toxicity prob"),
+    ("fluency_ppl", "fluency ppl (p_0)"),
+    ("dist_3", "dist-3"),
+)
+
+
+def collect(run_dir):
+    """[(k, eval.json, generations sampled so far)] for every finished iteration of a run folder."""
+    rows, sampled = [], 0
+    for k in range(1000):
+        it = os.path.join(run_dir, f"iter_{k}")
+        if not os.path.isdir(it):
+            break
+        summary = os.path.join(it, "model", "train_summary.json")
+        summary = bookkeeping.read_json(summary) if os.path.exists(summary) else {}
+        if "generations_sampled" in summary:  # online methods (PPO) count their own rollouts
+            sampled = summary["generations_sampled"]
+        elif os.path.exists(os.path.join(it, "samples.jsonl")):
+            sampled += len(
+                bookkeeping.read_jsonl(os.path.join(it, "samples.jsonl"), allow_empty=True)
+            )
+        if os.path.exists(os.path.join(it, "eval", "eval.json")):
+            rows.append((k, bookkeeping.read_json(os.path.join(it, "eval", "eval.json")), sampled))
+    return rows
+
+
+def report(runs, out):
+    """Draw curves.png and write results.md for `runs` (the current run plus its siblings under
+    the same parent)."""
+    missing = [r for r in runs if not os.path.isdir(os.path.join(r, "iter_0"))]
+    if missing:
+        raise AltError(f"not a run folder (no iter_0/): {', '.join(missing)}")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if len(runs) == 1:  # one line per method run under runs/: draw the siblings too
+        parent = os.path.dirname(os.path.abspath(runs[0]))
+        runs = sorted(
+            {
+                os.path.abspath(r)
+                for r in [*runs, *glob.glob(os.path.join(parent, "*"))]
+                if os.path.isdir(os.path.join(r, "iter_0"))
+            }
+        )
+    data = {os.path.basename(os.path.normpath(r)): collect(r) for r in runs}
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.3))
+    for ax, (key, title) in zip(axes, CURVES):
+        for name, rows in data.items():
+            pts = [(n, e.get(key)) for _, e, n in rows if e.get(key) is not None]  # equal budget
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_title(title)
+        if key == "fluency_ppl":  # a collapsed run (ppl in the thousands) would flatten the rest
+            ax.set_yscale("log")
+        ax.set_xlabel("generations sampled")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(out, exist_ok=True)
+    with bookkeeping.atomic_open(os.path.join(out, "curves.png"), "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110)
+    plt.close(fig)
+    lines = [
+        "| run | iter | avg-max tox | tox prob | fluency ppl | dist-3 | generations sampled |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, rows in data.items():
+        for k, e, sampled in rows:
+            f = lambda v: "n/a" if v is None else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"  # noqa: E731
+            cells = [
+                f(e.get(m)) for m in ("avg_max_toxicity", "toxicity_prob", "fluency_ppl", "dist_3")
+            ]
+            lines.append(f"| {name} | {k} | {' | '.join(cells)} | {sampled} |")
+    with bookkeeping.atomic_open(os.path.join(out, "results.md")) as fh:
+        fh.write("\n".join(lines) + "\n")
+    print(f"[alt_loop] wrote {out}/curves.png and {out}/results.md")
 
 
 def main(argv=None):
