@@ -1,8 +1,11 @@
-"""launch.py: process groups, DDP, DeepSpeed, precision; a reader of ALT may skip it.
+"""launch.py: process groups, DDP, DeepSpeed, precision, and train.py's run around its loop; a
+reader of ALT may skip it (as nanochat's compute_init and save_checkpoint).
 
 How train.py runs under python, torchrun (DDP) and deepspeed: the process group, the model
 wrapper, bf16 autocast, the optimizer step, and the optimizer's share of a resume checkpoint (under
-DeepSpeed, each rank's ZeRO shard). None of it changes Equation 1.
+DeepSpeed, each rank's ZeRO shard). Then train.py's run: its output folder (prepare_out), p_θ and
+p_0 on the device (load_models), Equation 1's vocabulary (sampled_vocab), AdamW, the resume state,
+its errors, fingerprint and outputs. None of it changes Equation 1.
 """
 
 import contextlib
@@ -11,7 +14,9 @@ import os
 import torch
 
 import bookkeeping
+import common
 from bookkeeping import AltError
+from common import meta_path
 
 
 def setup_distributed(args):
@@ -191,3 +196,136 @@ def deepspeed_engine(path, model, optimizer, scheduler, want, bf16):
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg
     )
     return engine, optimizer, scheduler, bool(cfg.get("bf16", {}).get("enabled"))
+
+
+# ----------------------------------------------------------------------------- train.py's run
+def prepare_out(args):
+    """True when --out is finished (its summary exists) and there is no --overwrite. Under
+    --overwrite rank 0 first removes the old summary and resume state: a crashed rerun must not look
+    finished, nor resume the old run."""
+    # --overwrite deletes parts of --out: no input may be, hold or lie inside it
+    bookkeeping.refuse_overlap(
+        {"--out": args.out},
+        {"--data": args.data, "--model": args.model, "--ref-model": args.ref_model},
+    )
+    done = [os.path.join(args.out, "train_summary.json")]
+    return bookkeeping.finished("train.py", args.out, args, done, done, "done")
+
+
+def load_models(args, ck, extra, device, bf16):
+    """-> (p_θ, p_0, tokenizer). p_θ in fp32 from the resume checkpoint `ck` or --model, with
+    Quark's quantile tokens `extra`; p_0 frozen from --ref-model (default --model), in bf16 under
+    bf16 runs, and None when β = 0."""
+    model, tok = common.load_policy(
+        ck or args.model, device, "float32", extra, args.trust_remote_code
+    )
+    have = {t for t in tok.get_vocab() if t.startswith("<|quantile_")}
+    if extra and have != set(extra):
+        raise AltError(
+            f"{args.model} has {len(have)} quantile tokens but {meta_path(args.data)} lists "
+            f"{len(extra)} tags: a pool from another K"
+        )
+    if not args.beta > 0:
+        return model, None, tok
+    ref_path = args.ref_model or args.model
+    ref, ref_tok = common.load_policy(
+        ref_path, device, "bfloat16" if bf16 else "float32", extra, args.trust_remote_code
+    )
+    if ref_tok.get_vocab() != tok.get_vocab():
+        raise AltError(
+            f"{ref_path}: p_0's vocabulary differs from {args.model}'s "
+            "(the KL needs one vocabulary)"
+        )
+    return model, ref.eval().requires_grad_(False), tok
+
+
+def adamw(args, model, total_steps):
+    """Gradient checkpointing if asked, dropout on, AdamW, warmup/decay -> (optimizer, schedule)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    if args.gradient_checkpointing:
+        enable = (
+            getattr(model, "activation_checkpointing_enable", None)
+            or model.gradient_checkpointing_enable
+        )
+        enable({"use_reentrant": False})  # the old name is deprecated in recent transformers 5.x
+    model.train()  # dropout on (the official code trained in eval mode by mistake)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay
+    )
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, round(args.warmup_ratio * total_steps), total_steps
+    )
+    return optimizer, scheduler
+
+
+def sampled_vocab(model, tok, name):
+    """The V of Equation 1 -> how many leading vocabulary columns to keep (None: all). NLL, KL and H
+    are taken over the tokens sampling can draw: ALT's control tokens (the separator, Quark's
+    quantiles) are added last to the vocabulary and suppressed by sample.py, so their columns are
+    dropped."""
+    control = common.control_token_ids(tok)
+    last = list(range(len(tok) - len(control), len(tok)))
+    if control != last or model.config.vocab_size != len(tok):
+        raise AltError(
+            f"{name}: ALT's control tokens must be the last {len(control)} of {len(tok)} ids"
+        )
+    return control[0] if control else None
+
+
+def resume(args, ck, fingerprint, optimizer, scheduler, rank):
+    """Seed this rank (dropout differs by rank), then restore the resume checkpoint `ck` if any
+    -> (step, β, α, this rank's ZeRO shard or None); a fresh run starts at (0, --beta, --alpha)."""
+    bookkeeping.seed_everything(args.seed + rank)
+    if not ck:
+        return 0, args.beta, args.alpha, None
+    state = bookkeeping.load_checkpoint(ck, fingerprint, optimizer, scheduler, rank)
+    return tuple(state[k] for k in ("step", "beta", "alpha", "zero"))
+
+
+def too_few_rows(args, n, world):
+    """The error when D_k's n trainable rows fill no global batch (an optimizer step's rows)."""
+    B, A = args.batch_size, args.grad_accum
+    return AltError(
+        f"{args.data}: {n} trainable rows, fewer than one global batch "
+        f"(batch {B} x grad-accum {A} x world {world} = {B * A * world})"
+    )
+
+
+def nonfinite_loss(total, step, out, bar):
+    """The error that stops a run whose step loss is NaN/Inf, before the step's update; closes the
+    progress bar so that the error is the last line the user sees."""
+    bar.close()
+    kept = bookkeeping.find_checkpoint(out)
+    return AltError(
+        f"non-finite loss ({total}) at step {step + 1}; stopped before the update; "
+        + (f"last good checkpoint kept: {kept}" if kept else "no checkpoint yet")
+    )
+
+
+def save_outputs(args, model, tok, meta, counts, fingerprint, final, pad, slots, t_start):
+    """Rank 0, once trained: the model, then train_summary.json (its presence marks --out done)."""
+    ref_model = (args.ref_model or args.model) if args.beta > 0 else None
+    summary = dict(method=meta.get("method"), tags=meta.get("tags") or None)
+    summary.update(exemplar=meta.get("exemplar"), data=args.data, model=args.model)
+    summary.update(ref_model=ref_model, counts=counts, examples=fingerprint["examples"])
+    summary.update(steps=fingerprint["steps"], epochs=args.epochs)
+    summary.update(global_batch=fingerprint["global_batch"], world_size=fingerprint["world"])
+    summary.update(
+        deepspeed=args.deepspeed, final=final, padding_share=round(pad / max(slots, 1), 4)
+    )
+    path = os.path.join(args.out, "train_summary.json")
+    bookkeeping.save_trained(args.out, model, tok, path, summary, t_start, args)
+    print(
+        f"train.py: {fingerprint['steps']} steps on {fingerprint['examples']} rows -> {args.out} "
+        f"(final loss {final['total']:.4f})"
+    )
+
+
+def run_fingerprint(args, n_examples, global_batch, world, steps):
+    """What a resume checkpoint must agree with: the data, its size, the step layout, lr, seed."""
+    fingerprint = dict(
+        data=os.path.abspath(args.data), examples=n_examples, global_batch=global_batch
+    )
+    fingerprint.update(world=world, steps=steps, lr=args.lr, seed=args.seed)
+    return fingerprint

@@ -7,9 +7,15 @@ make_scorer(spec) -> score(texts) -> [toxicity in [0, 1] (higher = more toxic) o
     perspective          Google's Perspective API (key: env PERSPECTIVE_API_KEY; URL: env PERSPECTIVE_API_URL),
                          at --qps, retrying 429 / 5xx with backoff and Retry-After; score.errors counts failure kinds
 Used by feedback.py (rewards), evaluate.py (metrics) and baselines/ppo.py (the reward model).
+
+ask_judge(prompts, keys, parse, args) -> ([parse(reply) or None], stats): feedback.py's LLM judge, any
+    OpenAI-compatible server (--base-url; key: env OPENAI_API_KEY), --concurrency requests in flight, the client's
+    retries, --max-attempts asks per prompt, and the answer cache (cache_key) that makes a killed run lose nothing.
 """
 
 import collections
+import concurrent.futures
+import hashlib
 import http.client
 import json
 import os
@@ -18,7 +24,14 @@ import time
 import urllib.error
 import urllib.request
 
-from bookkeeping import AltError, context_length, hub_unreachable, load_error
+from bookkeeping import (
+    AltError,
+    append_jsonl,
+    context_length,
+    hub_unreachable,
+    load_error,
+    open_journal,
+)
 
 # override with env PERSPECTIVE_API_URL (tests: a stub)
 PERSPECTIVE_URL = "https://commentanalyzer.googleapis.com"
@@ -168,3 +181,79 @@ def _perspective_scorer(qps):
     score = lambda texts: [one(t) for t in texts]  # noqa: E731
     score.errors = errors  # failure kinds, for the meta counts
     return score
+
+
+# ------------------------------------------------------------------------- the LLM judge (feedback.py)
+def cache_key(model, template, x, y):
+    """An answer's key in the judge cache: sha256 of (judge model, template, x, y)."""
+    return hashlib.sha256(
+        json.dumps([model, template, x, y], ensure_ascii=False).encode()
+    ).hexdigest()
+
+
+def ask_judge(prompts, keys, parse, args):
+    """prompts [str] with their cache keys -> ([parse(reply) or None], stats). Replies cached in
+    --cache are reused; new ones are appended as they come (one ask per distinct key). A reply
+    parse() rejects is asked again, up to --max-attempts. Prints the request and token counts; no
+    valid answer at all is an error."""
+    if not args.base_url and not os.environ.get("OPENAI_API_KEY"):
+        raise AltError("set OPENAI_API_KEY in the environment, or --base-url for a local server")
+    import openai
+    from tqdm import tqdm
+
+    # replies as they arrived: a killed run loses none, a rerun asks nothing it has
+    rows, fh = open_journal(args.cache)
+    cache = {r.get("key"): r["reply"] for r in rows if parse(r.get("reply")) is not None}
+    todo = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values())
+    stats = collections.Counter(cached=len(keys) - len(todo))
+    key = os.environ.get("OPENAI_API_KEY") or "unused"
+    client = openai.OpenAI(
+        base_url=args.base_url, api_key=key, timeout=args.timeout, max_retries=args.max_retries
+    )
+
+    def ask(i):
+        got = collections.Counter()
+        for _ in range(args.max_attempts):
+            got["requests"] += 1
+            try:
+                r = client.chat.completions.create(
+                    model=args.llm_model,
+                    temperature=args.temperature,
+                    max_tokens=args.max_tokens,
+                    messages=[{"role": "user", "content": prompts[i]}],
+                )
+                reply = r.choices[0].message.content
+                got["prompt_tokens"] += getattr(r.usage, "prompt_tokens", 0) or 0
+                got["completion_tokens"] += getattr(r.usage, "completion_tokens", 0) or 0
+            except Exception as e:
+                # timeouts, 429/5xx after the client's retries, garbage bodies: never fatal
+                # the class name only: messages may quote the request
+                got[f"error_{type(e).__name__}"] += 1
+                continue
+            if parse(reply) is not None:
+                return i, reply, got
+            got["error_unparseable"] += 1
+        got["failed"] = 1
+        return i, None, got
+
+    with fh, concurrent.futures.ThreadPoolExecutor(args.concurrency) as ex:
+        futures = [ex.submit(ask, i) for i in todo]
+        done = concurrent.futures.as_completed(futures)
+        for fut in tqdm(done, total=len(futures), desc="judge", mininterval=1):
+            i, reply, got = fut.result()
+            stats.update(got)
+            if reply is not None:
+                cache[keys[i]] = reply
+                # durable before we go on
+                append_jsonl(fh, {"key": keys[i], "model": args.llm_model, "reply": reply})
+    print(
+        f"judge {args.llm_model}: {stats['requests']} requests, {stats['cached']} cached, "
+        f"{stats['failed']} failed; tokens: {stats['prompt_tokens']} prompt + "
+        f"{stats['completion_tokens']} completion"
+    )
+    if keys and stats["failed"] == len(keys):
+        raise AltError(
+            f"the judge gave no valid answer for any of the {len(keys)} new rows "
+            f"({', '.join(k for k in stats if k.startswith('error_'))}); is --base-url right?"
+        )
+    return [parse(cache[k]) if k in cache else None for k in keys], stats

@@ -1,34 +1,29 @@
 """train.py: stage 3 of ALT (Algorithm 1), θ_k ← argmin_θ L_θ on the datapool D, in one plain PyTorch loop.
 
-Equation 1 (x the prompt, y the generation, f its textual feedback, p_θ the policy, p_0 the
-initial model):
+Equation 1 (x the prompt, y the generation, f its feedback, p_θ the policy, p_0 the initial model):
     L_θ = E_(x,y,f)~D [ −log p_θ(y | f, x) ]                   # NLL, on y's tokens only
         + β · E [ KL( p_0(· | x, y<t) ‖ p_θ(· | f, x, y<t) ) ]  # the reference p_0 sees NO feedback
         − α · E [ H( p_θ(· | f, x, y<t) ) ]                   # entropy bonus
-Every E is a token-level mean over the response tokens of one optimizer step (all micro-batches,
-all ranks), as in the official toxicity trainer; KL and H are exact sums over the full vocabulary,
-taken only at response positions.
+Every E is a token-level mean over one optimizer step's response tokens (all micro-batches, all
+ranks), as in the official toxicity trainer; KL and H: exact sums over the vocabulary, at y only.
 
 Input  --data POOL.jsonl: datapool rows (common.py schema; uses prompt_id, prompt, generation,
-       feedback, truncated); feedback=null rows are skipped and counted. The sidecar
-       POOL.meta.json (method, tags, exemplar) if present.
+       feedback, truncated); feedback=null rows are skipped and counted. POOL.meta.json (method,
+       tags, exemplar) if present.
 Output --out DIR: save_pretrained (safetensors) + tokenizer (with ALT's added tokens);
-       DIR/train_log.jsonl, a row per step {step, epoch, nll, kl, entropy, total, beta, alpha,
-       lr, grad_norm, tokens, tokens_per_s}; DIR/train_summary.json (method, tags, exemplar from
-       the meta; counts; final row). DIR/checkpoint/ holds the resume state while running; a
-       finished DIR (its summary exists) makes a rerun print "done".
+       DIR/train_log.jsonl, a row per step {step, epoch, nll, kl, entropy, total, beta, alpha, lr,
+       grad_norm, tokens, tokens_per_s}; DIR/train_summary.json (the meta's method, tags, exemplar;
+       counts; final row). DIR/checkpoint/ holds the resume state; a finished DIR (its summary
+       exists) makes a rerun print "done".
 Launch:
     python train.py --data runs/x/iter_2/pool.jsonl --model runs/x/iter_1/model \
         --ref-model toy/model --out runs/x/iter_2/model --beta 0.05 --alpha 0.06
     torchrun --nproc_per_node 2 train.py ...                      # DDP: gloo on CPU, nccl on GPU
     deepspeed --num_gpus 2 train.py --deepspeed configs/ds_zero2.json ...
-Token layout: each prefix (condition(x, f) for p_θ, x alone for p_0) and y are tokenised apart
-and concatenated, so y's ids are identical in both encodings. A batch left-pads the prefixes and
-right-pads y: y starts in the same column P of every row, and one [B, R] response mask serves
-both models.
-Reading order: the flags, the data pieces, Equation 1, then main and its loop; the helpers below
-main (output folder, models, optimizer, summary) and launch.py (process groups, DDP, DeepSpeed)
-can be skipped.
+Token layout: the prefix (condition(x, f) for p_θ, x alone for p_0) and y are tokenised apart, so
+y's ids, and its column P in a batch (prefixes left-padded), are the same in both models' inputs.
+Reading order: the flags, the data pieces, Equation 1, then main and its loop. launch.py (output
+folder, models, optimizer, DDP, DeepSpeed, checkpoints, summary) can be skipped.
 """
 
 import argparse
@@ -38,11 +33,12 @@ import random
 import time
 
 import torch
+from tqdm import tqdm
 
 import bookkeeping
 import common
 import launch
-from bookkeeping import AltError
+from bookkeeping import AltError, finite
 from common import meta_path
 
 
@@ -50,140 +46,42 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    add, pos, count = p.add_argument, finite(0, strict=True), finite(1, kind=int)
     # ---- defaults block: the paper's toxicity setting (ALT, Sec. 4.1 and App. A)
-    p.add_argument("--data", required=True, help="datapool D_k (JSONL from feedback.py)")
-    p.add_argument(
-        "--model",
-        required=True,
-        help="start checkpoint: the previous iteration's θ (iteration 1: p_0)",
-    )
-    p.add_argument(
-        "--ref-model",
-        help="p_0 of the KL term (paper: initial model); default --model; read only if β>0",
-    )
-    p.add_argument("--out", required=True, help="output model folder")
-    p.add_argument(
-        "--beta",
-        type=bookkeeping.finite(0),
-        default=0.05,
-        help="KL coefficient β (paper, toxicity: 0.05)",
-    )
-    p.add_argument(
-        "--alpha",
-        type=bookkeeping.finite(),
-        default=0.06,
-        help="entropy-bonus coefficient α (paper, toxicity: 0.06)",
-    )
-    p.add_argument("--epochs", type=int, default=1, help="passes over D_k per iteration")
-    p.add_argument("--batch-size", type=int, default=32, help="micro-batch per rank (paper: 32)")
-    p.add_argument(
-        "--grad-accum",
-        type=int,
-        default=1,
-        help="micro-batches per step; global = batch × accum × world",
-    )
-    p.add_argument(
-        "--lr",
-        type=bookkeeping.finite(0, strict=True),
-        default=1e-5,
-        help="AdamW learning rate (paper: Adam, 1e-5)",
-    )
-    p.add_argument(
-        "--adam-eps",
-        type=bookkeeping.finite(0, strict=True),
-        default=1e-8,
-        help="Adam epsilon (paper: 1e-8)",
-    )
-    p.add_argument(
-        "--weight-decay",
-        type=bookkeeping.finite(0),
-        default=0.0,
-        help="AdamW weight decay (paper: plain Adam, 0)",
-    )
-    p.add_argument(
-        "--warmup-ratio",
-        type=bookkeeping.finite(0, 1),
-        default=0.05,
-        help="linear-warmup share of steps (paper: linear)",
-    )
-    p.add_argument(
-        "--max-grad-norm",
-        type=bookkeeping.finite(0, strict=True),
-        help="clip the gradient norm (paper: none)",
-    )
-    p.add_argument(
-        "--per-category",
-        type=int,
-        help="n samples per (prompt, feedback) (paper: TL;DR/HH balance)",
-    )
-    p.add_argument(
-        "--drop-truncated", action="store_true", help="drop y that hit max_new_tokens (paper: kept)"
-    )
-    p.add_argument(
-        "--eos-target",
-        action="store_true",
-        help="train EOS after a y that stopped by itself (official "
-        "toxicity code: never, its collator re-tokenises y's text; on, ALT learns to stop early)",
-    )
-    p.add_argument(
-        "--eos-free",
-        action="store_true",
-        help="leave EOS out of the NLL's softmax, so only the KL to p_0 moves the stop "
-        "probability (without it, every non-EOS target lowers EOS and y grows to the limit)",
-    )
-    p.add_argument(
-        "--max-samples", type=int, help="random subset of N rows after filtering (paper: all)"
-    )
-    p.add_argument(
-        "--target-kl",
-        type=bookkeeping.finite(0, strict=True),
-        help="adapt β to keep the per-token KL near this (paper: fixed)",
-    )
-    p.add_argument(
-        "--target-entropy",
-        type=bookkeeping.finite(0, strict=True),
-        help="adapt α to keep the token entropy near this (paper: fixed)",
-    )
-    p.add_argument(
-        "--controller-rate",
-        type=bookkeeping.finite(0, strict=True),
-        default=0.1,
-        help="log-step of the adaptive β/α controllers",
-    )
-    p.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
-        default="auto",
-        help="bf16 autocast (auto: on GPU)",
-    )
-    p.add_argument(
-        "--gradient-checkpointing", action="store_true", help="trade compute for activation memory"
-    )
-    p.add_argument(
-        "--save-every", type=int, default=100, help="write the resume checkpoint every N steps"
-    )
-    p.add_argument("--seed", type=int, default=0, help="data order, subsets and dropout")
-    p.add_argument(
-        "--deepspeed",
-        metavar="CONFIG",
-        help="run under deepspeed.initialize (e.g. configs/ds_zero2.json)",
-    )
-    p.add_argument(
-        "--expect-method",
-        help="error unless the pool meta's method is this (alt_loop.py passes it)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="retrain even if --out is finished")
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow custom model code (off: paper uses GPT-2)",
-    )
-    # the deepspeed launcher adds it
-    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    add("--data", required=True, help="datapool D_k (JSONL from feedback.py)")
+    add("--model", required=True, help="start θ: the last iteration's (iteration 1: p_0)")
+    add("--ref-model", help="p_0 of the KL (paper: initial model); default --model; read if β>0")
+    add("--out", required=True, help="output model folder")
+    add("--beta", type=finite(0), default=0.05, help="KL coefficient β (paper, toxicity: 0.05)")
+    add("--alpha", type=finite(), default=0.06, help="entropy bonus α (paper, toxicity: 0.06)")
+    add("--epochs", type=count, default=1, help="passes over D_k per iteration")
+    add("--batch-size", type=count, default=32, help="micro-batch per rank (paper: 32)")
+    add("--grad-accum", type=count, default=1, help="global batch = batch × accum × world")
+    add("--lr", type=pos, default=1e-5, help="AdamW learning rate (paper: Adam, 1e-5)")
+    add("--adam-eps", type=pos, default=1e-8, help="Adam epsilon (paper: 1e-8)")
+    add("--weight-decay", type=finite(0), default=0.0, help="AdamW decay (paper: Adam, 0)")
+    add("--warmup-ratio", type=finite(0, 1), default=0.05, help="warmup share (paper: linear)")
+    add("--max-grad-norm", type=pos, help="clip the gradient norm (paper: none)")
+    add("--per-category", type=count, help="n rows per (x, f) (paper: TL;DR/HH balance)")
+    add("--drop-truncated", action="store_true", help="drop y cut at max_new_tokens (paper: kept)")
+    # official code: never (its collator re-tokenises y's text); on, ALT learns to stop early
+    add("--eos-target", action="store_true", help="train EOS after a y that stopped by itself")
+    # without it, every non-EOS target lowers EOS, and y grows to the limit
+    add("--eos-free", action="store_true", help="no EOS in the NLL's softmax: only the KL moves it")
+    add("--max-samples", type=count, help="random subset of N rows after filtering (paper: all)")
+    add("--target-kl", type=pos, help="adapt β to keep the per-token KL near this (paper: fixed)")
+    add("--target-entropy", type=pos, help="adapt α to keep the entropy near this (paper: fixed)")
+    add("--controller-rate", type=pos, default=0.1, help="log-step of the adaptive β/α controllers")
+    add("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU")
+    add("--gradient-checkpointing", action="store_true", help="less activation memory, more time")
+    add("--save-every", type=count, default=100, help="write the resume checkpoint every N steps")
+    add("--seed", type=int, default=0, help="data order, subsets and dropout")
+    add("--deepspeed", metavar="CONFIG", help="deepspeed.initialize (e.g. configs/ds_zero2.json)")
+    add("--expect-method", help="error unless the pool meta's method is this (alt_loop.py's)")
+    add("--overwrite", action="store_true", help="retrain even if --out is finished")
+    add("--trust-remote-code", action="store_true", help="allow custom model code (paper: GPT-2)")
+    add("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed's launcher
     a = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "grad_accum", "save_every", "per_category", "max_samples"):
-        if getattr(a, name) is not None and getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
     for target, coef, name in ((a.target_kl, a.beta, "kl"), (a.target_entropy, a.alpha, "entropy")):
         if target is not None and not coef > 0:
             p.error(f"--target-{name} needs its coefficient (β or α) > 0")
@@ -209,14 +107,8 @@ def read_pool(path, tags=None, per_category=None, drop_truncated=False, max_samp
     """D_k -> (rows to train on, counts). Skips are counted; a feedback not in tags: error."""
     required = ("prompt", "generation", "feedback")
     rows = bookkeeping.read_jsonl(path, required, schema=common.POOL_ROW, numbered=True)
-    counts = dict(
-        read=len(rows),
-        null_feedback=0,
-        empty_generation=0,
-        truncated=0,
-        per_category=0,
-        max_samples=0,
-    )
+    counts = dict(read=len(rows), null_feedback=0, empty_generation=0, truncated=0)
+    counts.update(per_category=0, max_samples=0)
     kept, ids = [], {}
     for line, r in rows:
         r["_x"] = bookkeeping.prompt_key(path, line, r, ids)  # x's identity for --per-category
@@ -227,8 +119,7 @@ def read_pool(path, tags=None, per_category=None, drop_truncated=False, max_samp
                 f"{path}:{line}: feedback {r['feedback']!r} is not one of the {len(tags)} tags in "
                 f"{meta_path(path)} (a pool from another method or K?)"
             )
-        elif not r["generation"]:
-            # nothing to learn but an instant EOS; would reward-hack toward empty outputs
+        elif not r["generation"]:  # only an instant EOS to learn: would reward-hack toward empty y
             counts["empty_generation"] += 1
         elif drop_truncated and r.get("truncated"):
             counts["truncated"] += 1
@@ -252,9 +143,8 @@ def read_pool(path, tags=None, per_category=None, drop_truncated=False, max_samp
 
 
 def pack(prefix_ids, response_ids, eos_id, bos_id, max_length):
-    """(prefix ids, y ids) -> the pair the model sees: eos_id (None: no EOS target) closes y; an
-    over-long pair keeps y (cut to max_length - 1) and the end of the prefix; an empty prefix
-    becomes BOS (y_1 needs a context)."""
+    """(prefix ids, y ids) -> the pair the model sees: eos_id (None: none) closes y; an over-long
+    pair keeps y (to max_length - 1) and the prefix's end; an empty prefix becomes BOS."""
     resp = (list(response_ids) + ([] if eos_id is None else [eos_id]))[: max_length - 1]
     pre = list(prefix_ids)[-(max_length - len(resp)) :] or [bos_id]
     return pre, resp
@@ -262,17 +152,13 @@ def pack(prefix_ids, response_ids, eos_id, bos_id, max_length):
 
 def encode_rows(rows, tokenizer, max_length, reference=True, eos_target=False):
     """Pool rows -> [{"prefix": condition(x, f) ids, "ref_prefix": x ids (p_0's, if reference),
-    "response": y ids, "x_len": x's length}]. The prefix and y are tokenised apart, so y's ids are
-    the same under both prefixes."""
+    "response": y ids, "x_len": x's length, "clipped"}]; y is tokenised apart from the prefixes."""
     eos = tokenizer.eos_token_id
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
-
-    def tok(texts, special=True):
-        return tokenizer(texts, add_special_tokens=special)["input_ids"]
-
-    pre = tok([common.condition(r["prompt"], r.get("feedback")) for r in rows])
-    ref = tok([r["prompt"] for r in rows])
-    ys = tok([r["generation"] for r in rows], special=False)  # y continues the prefix: no BOS
+    pre = tokenizer([common.condition(r["prompt"], r.get("feedback")) for r in rows])["input_ids"]
+    ref = tokenizer([r["prompt"] for r in rows])["input_ids"]
+    # y continues the prefix: no BOS
+    ys = tokenizer([r["generation"] for r in rows], add_special_tokens=False)["input_ids"]
     control = set(common.control_token_ids(tokenizer))
     out = []
     for r, p, q, y in zip(rows, pre, ref, ys):
@@ -282,12 +168,8 @@ def encode_rows(rows, tokenizer, max_length, reference=True, eos_target=False):
             )
         end = eos if eos_target and not r.get("truncated") else None
         p2, y2 = pack(p, y, end, bos, max_length)
-        ex = {
-            "prefix": p2,
-            "response": y2,
-            "x_len": len(q),
-            "clipped": len(p2) + len(y2) < len(p) + len(y) + (end is not None),
-        }
+        ex = dict(prefix=p2, response=y2, x_len=len(q))
+        ex["clipped"] = len(p2) + len(y2) < len(p) + len(y) + (end is not None)
         if reference:
             ex["ref_prefix"] = pack(q, y, end, bos, max_length)[0]
         out.append(ex)
@@ -295,30 +177,22 @@ def encode_rows(rows, tokenizer, max_length, reference=True, eos_target=False):
 
 
 def collate(pairs, pad_id):
-    """[(prefix ids, y ids)] -> prefix left-padded, y right-padded (y starts at column P in every
-    row): input_ids/attention_mask/position_ids [B, P+R]; targets (y) and resp_mask (real y tokens)
-    [B, R]."""
+    """[(prefix ids, y ids)] -> prefixes left-padded, y right-padded from column P in every row:
+    input_ids/attention_mask/position_ids [B, P+R]; targets (y), resp_mask (y tokens) [B, R]."""
     P, R = max(len(p) for p, _ in pairs), max(len(y) for _, y in pairs)
     ids = torch.full((len(pairs), P + R), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, (p, y) in enumerate(pairs):
         ids[i, P - len(p) : P + len(y)] = torch.tensor(list(p) + list(y))
         mask[i, P - len(p) : P + len(y)] = 1
-    return {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
-        "targets": ids[:, P:],
-        "resp_mask": mask[:, P:].bool(),
-    }
+    batch = dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+    return batch | dict(targets=ids[:, P:], resp_mask=mask[:, P:].bool())
 
 
 def plan_epoch(examples, global_batch, epoch, seed, window=4):
-    """Length-bucketed global batches for one epoch, identical on every rank: drop a random
-    remainder, sort by x's length, re-sort each window of `window` batches by y length (both pads
-    count), cut, shuffle the batch order. Sorting by x, not by condition(x, f), matters: f's length
-    differs by tag, and sorting on it would group batches by tag, so each step would see one kind of
-    feedback instead of the contrast between them."""
+    """Length-bucketed global batches for one epoch, alike on every rank: drop a random remainder,
+    sort by x's length, re-sort each window of `window` batches by y's, cut, shuffle the batches.
+    By x, not condition(x, f): f's length differs by tag, a step would see one tag, no contrast."""
     rng = random.Random(f"{seed}-{epoch}")
     idx = list(range(len(examples)))
     rng.shuffle(idx)
@@ -335,9 +209,8 @@ def plan_epoch(examples, global_batch, epoch, seed, window=4):
 
 
 def micro_batches(examples, batch, rank, B, A, pad_id):
-    """This rank's share of one global batch -> its A micro-batches of B rows, each a pair (p_θ's
-    batch: condition(x, f) + y, p_0's batch: x + y); without p_0 (β = 0: no "ref_prefix") the pair
-    holds p_θ's twice."""
+    """This rank's share of a global batch -> A micro-batches of B rows, each a pair (p_θ's batch:
+    condition(x, f) + y, p_0's: x + y); without p_0 (β = 0: no "ref_prefix"), p_θ's twice."""
     mine = [examples[i] for i in batch[rank * B * A : (rank + 1) * B * A]]
     micro = [mine[j * B : (j + 1) * B] for j in range(A)]
     pol = [collate([(e["prefix"], e["response"]) for e in m], pad_id) for m in micro]
@@ -348,30 +221,19 @@ def micro_batches(examples, batch, rank, B, A, pad_id):
 
 
 def token_counts(micro):
-    """One rank's micro-batches -> (response tokens, input tokens, padding slots, all slots)."""
+    """One rank's micro-batches -> (response tokens, input tokens, all slots, padding included)."""
     masks = [p["attention_mask"] for p, _ in micro]
-    return (
-        sum(p["resp_mask"].sum().item() for p, _ in micro),
-        sum(m.sum().item() for m in masks),
-        sum(int((m == 0).sum()) for m in masks),
-        sum(m.numel() for m in masks),
-    )
+    n_y = sum(p["resp_mask"].sum().item() for p, _ in micro)
+    return n_y, sum(m.sum().item() for m in masks), sum(m.numel() for m in masks)
 
 
 # ----------------------------------------------------------------------------- Equation 1
 def response_logits(model, batch, vocab=None):
-    """Logits predicting each response token y_t from (prefix, y<t): [B, R, V] (head from P-1 on).
-    vocab: keep only the first `vocab` columns (train.py drops ALT's control tokens, which sampling
-    never draws)."""
-    R = batch["targets"].shape[1]
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        logits_to_keep=R + 1,
-        use_cache=False,
-    )
-    return out.logits[:, :-1, :vocab]
+    """Logits predicting each y_t from (prefix, y<t): [B, R, V]. vocab: keep only the first `vocab`
+    columns (train.py drops ALT's control tokens, which sampling never draws)."""
+    keep = batch["targets"].shape[1] + 1  # R + 1: from column P-1, the one that predicts y_1
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    return model(**inputs, logits_to_keep=keep, use_cache=False).logits[:, :-1, :vocab]
 
 
 def response_logprobs(model, batch):
@@ -382,8 +244,7 @@ def response_logprobs(model, batch):
 
 def alt_loss(logits, ref_logits, targets, resp_mask, eos=None):
     """Equation 1's three sums over a micro-batch's N response tokens -> 0-d (nll, kl, entropy).
-    eos: an id to leave out of the NLL's softmax (−log p_θ(y_t | f, x, y<t, no stop)); None: full
-    softmax."""
+    eos: an id to leave out of the NLL's softmax (−log p_θ(y_t | f, x, y<t, no stop)); None: all."""
     logp = torch.log_softmax(logits[resp_mask].float(), -1)  # [N, V]: real response positions only
     # NLL term: −log p_θ(y_t | f, x, y<t)
     nll = -logp.gather(-1, targets[resp_mask].unsqueeze(-1)).sum()
@@ -399,24 +260,9 @@ def alt_loss(logits, ref_logits, targets, resp_mask, eos=None):
     return nll, kl, entropy
 
 
-def sampled_vocab(model, tok, name):
-    """The V of Equation 1 -> how many leading vocabulary columns to keep (None: all). NLL, KL and H
-    are taken over the tokens sampling can draw: ALT's control tokens (the separator, Quark's
-    quantiles) are added last to the vocabulary and suppressed by sample.py, so their columns are
-    dropped."""
-    control = common.control_token_ids(tok)
-    last = list(range(len(tok) - len(control), len(tok)))
-    if control != last or model.config.vocab_size != len(tok):
-        raise AltError(
-            f"{name}: ALT's control tokens must be the last {len(control)} of {len(tok)} ids"
-        )
-    return control[0] if control else None
-
-
 def adapt(args, beta, alpha, kl, ent):
-    """Optional adaptive β and α for the next step (the paper keeps both fixed): clipped
-    multiplicative steps toward --target-kl and --target-entropy (Ziegler et al.'s KL rule), from
-    this step's per-token KL and entropy."""
+    """Optional adaptive β, α for the next step (paper: fixed): clipped multiplicative steps toward
+    --target-kl and --target-entropy (Ziegler et al.'s KL rule) from this step's per-token KL, H."""
     if args.target_kl:
         beta *= math.exp(args.controller_rate * max(-0.2, min(0.2, kl / args.target_kl - 1)))
     if args.target_entropy:
@@ -427,10 +273,8 @@ def adapt(args, beta, alpha, kl, ent):
 # ------------------------------------------------------------------------- main: θ_k ← argmin_θ L_θ
 def main(argv=None):
     args = parse_args(argv)
-    if prepare_out(args):  # --out is finished (its summary exists) and no --overwrite
+    if launch.prepare_out(args):  # --out is finished (its summary exists) and no --overwrite
         return
-    from tqdm import tqdm
-
     rank, world, device = launch.setup_distributed(args)  # python, torchrun (DDP) or deepspeed
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device != "cpu")
 
@@ -442,31 +286,23 @@ def main(argv=None):
     )
     ck = None if args.overwrite else bookkeeping.find_checkpoint(args.out)
     extra = list(tags) if meta.get("method") == "quark" else []  # Quark's quantiles: 1 token each
-    model, ref, tok = load_models(args, ck, extra, device, bf16)
+    model, ref, tok = launch.load_models(args, ck, extra, device, bf16)
     n_ctx = bookkeeping.context_length(model.config)
     examples = encode_rows(rows, tok, n_ctx, reference=ref is not None, eos_target=args.eos_target)
-    vocab = sampled_vocab(model, tok, args.model)
+    vocab = launch.sampled_vocab(model, tok, args.model)  # Equation 1's V: what sampling can draw
     eos = tok.eos_token_id if args.eos_free else None
     counts["clipped_to_context"] = sum(e["clipped"] for e in examples)
     B, A = args.batch_size, args.grad_accum
     G = B * A * world  # the global batch of one optimizer step
     if len(examples) < G:
-        raise AltError(
-            f"{args.data}: {len(examples)} trainable rows, fewer than one global batch "
-            f"(batch {B} x grad-accum {A} x world {world} = {G})"
-        )
+        raise launch.too_few_rows(args, len(examples), world)
     steps_per_epoch = len(examples) // G
     total_steps = steps_per_epoch * args.epochs
 
     # ---- optimisation: AdamW + linear warmup/decay, the resume state, DDP or DeepSpeed around it
-    optimizer, scheduler = adamw(args, model, total_steps)
-    fingerprint = run_fingerprint(args, len(examples), G, world, total_steps)
-    # dropout differs by rank; a resume restores the RNG
-    bookkeeping.seed_everything(args.seed + rank)
-    step, beta, alpha, zero = 0, args.beta, args.alpha, None
-    if ck:
-        state = bookkeeping.load_checkpoint(ck, fingerprint, optimizer, scheduler, rank)
-        step, beta, alpha, zero = (state[k] for k in ("step", "beta", "alpha", "zero"))
+    optimizer, scheduler = launch.adamw(args, model, total_steps)
+    fingerprint = launch.run_fingerprint(args, len(examples), G, world, total_steps)
+    step, beta, alpha, zero = launch.resume(args, ck, fingerprint, optimizer, scheduler, rank)
     fwd, optimizer, ctx, backward, update = launch.wrap_model(
         args, model, optimizer, scheduler, zero, world, device, bf16
     )
@@ -482,12 +318,12 @@ def main(argv=None):
         epoch, b = divmod(step, steps_per_epoch)
         plan = plan if epoch in plan else {epoch: plan_epoch(examples, G, epoch, args.seed)}
         micro = micro_batches(examples, plan[epoch][b], rank, B, A, tok.pad_token_id)
-        n_y, n_in, n_pad, n_slots = token_counts(micro)
+        n_y, n_in, n_slots = token_counts(micro)
         # each E of Equation 1 is a mean over the step's N response tokens (all micro-batches/ranks)
         n_resp = launch.all_sum([n_y], device).item()
         # this rank's Σ nll, Σ kl, Σ entropy over the step, and its input tokens
         sums = torch.tensor([0, 0, 0, n_in], dtype=torch.float64)
-        pad, slots = pad + n_pad, slots + n_slots
+        pad, slots = pad + n_slots - n_in, slots + n_slots
         for j, (pb, rb) in enumerate(micro):
             pb, rb = ({k: v.to(device) for k, v in x.items()} for x in (pb, rb))
             launch.sync_grads(fwd, last=j == A - 1)  # DDP: all-reduce on the last micro-batch only
@@ -506,7 +342,7 @@ def main(argv=None):
         tokens = int(tot[3])
         total = nll_m + beta * kl_m - alpha * ent_m  # L of the step
         if not math.isfinite(total):  # stop before the update: the last checkpoint stays good
-            raise nonfinite_loss(total, step, args.out, bar)
+            raise launch.nonfinite_loss(total, step, args.out, bar)
         grad_norm = update()
         step += 1
         row = dict(step=step, epoch=epoch, nll=nll_m, kl=kl_m, entropy=ent_m, total=total)
@@ -522,109 +358,8 @@ def main(argv=None):
     # ---- outputs: the model, then the summary (its presence marks --out finished)
     if rank == 0:
         log.close()
-        save_outputs(args, model, tok, meta, counts, fingerprint, row, pad, slots, t_start)
+        launch.save_outputs(args, model, tok, meta, counts, fingerprint, row, pad, slots, t_start)
     launch.close()
-
-
-# ----------------------------------------------------------------------------- bookkeeping
-# A reader may skip from here on: the output folder, models, optimizer, summary, fingerprint.
-def prepare_out(args):
-    """True when --out is finished (its summary exists) and there is no --overwrite. Under
-    --overwrite rank 0 first removes the old summary and resume state: a crashed rerun must not look
-    finished, nor resume the old run."""
-    # --overwrite deletes parts of --out: no input may be, hold or lie inside it
-    bookkeeping.refuse_overlap(
-        {"--out": args.out},
-        {"--data": args.data, "--model": args.model, "--ref-model": args.ref_model},
-    )
-    done = [os.path.join(args.out, "train_summary.json")]
-    return bookkeeping.finished("train.py", args.out, args, done, done, "done")
-
-
-def load_models(args, ck, extra, device, bf16):
-    """-> (p_θ, p_0, tokenizer). p_θ in fp32 from the resume checkpoint `ck` or --model, with
-    Quark's quantile tokens `extra`; p_0 frozen from --ref-model (default --model), in bf16 under
-    bf16 runs, and None when β = 0."""
-    model, tok = common.load_policy(
-        ck or args.model, device, "float32", extra, args.trust_remote_code
-    )
-    have = {t for t in tok.get_vocab() if t.startswith("<|quantile_")}
-    if extra and have != set(extra):
-        raise AltError(
-            f"{args.model} has {len(have)} quantile tokens but {meta_path(args.data)} lists "
-            f"{len(extra)} tags: a pool from another K"
-        )
-    if not args.beta > 0:
-        return model, None, tok
-    ref_path = args.ref_model or args.model
-    ref, ref_tok = common.load_policy(
-        ref_path, device, "bfloat16" if bf16 else "float32", extra, args.trust_remote_code
-    )
-    if ref_tok.get_vocab() != tok.get_vocab():
-        raise AltError(
-            f"{ref_path}: p_0's vocabulary differs from {args.model}'s "
-            "(the KL needs one vocabulary)"
-        )
-    return model, ref.eval().requires_grad_(False), tok
-
-
-def adamw(args, model, total_steps):
-    """Gradient checkpointing if asked, dropout on, AdamW, warmup/decay -> (optimizer, schedule)."""
-    from transformers import get_linear_schedule_with_warmup
-
-    if args.gradient_checkpointing:
-        enable = (
-            getattr(model, "activation_checkpointing_enable", None)
-            or model.gradient_checkpointing_enable
-        )
-        enable({"use_reentrant": False})  # the old name is deprecated in recent transformers 5.x
-    model.train()  # dropout on (the official code trained in eval mode by mistake)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay
-    )
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, round(args.warmup_ratio * total_steps), total_steps
-    )
-    return optimizer, scheduler
-
-
-def nonfinite_loss(total, step, out, bar):
-    """The error that stops a run whose step loss is NaN/Inf, before the step's update; closes the
-    progress bar so that the error is the last line the user sees."""
-    bar.close()
-    kept = bookkeeping.find_checkpoint(out)
-    return AltError(
-        f"non-finite loss ({total}) at step {step + 1}; stopped before the update; "
-        + (f"last good checkpoint kept: {kept}" if kept else "no checkpoint yet")
-    )
-
-
-def save_outputs(args, model, tok, meta, counts, fingerprint, final, pad, slots, t_start):
-    """Rank 0, once trained: the model, then train_summary.json (its presence marks --out done)."""
-    ref_model = (args.ref_model or args.model) if args.beta > 0 else None
-    summary = dict(method=meta.get("method"), tags=meta.get("tags") or None)
-    summary.update(exemplar=meta.get("exemplar"), data=args.data, model=args.model)
-    summary.update(ref_model=ref_model, counts=counts, examples=fingerprint["examples"])
-    summary.update(steps=fingerprint["steps"], epochs=args.epochs)
-    summary.update(global_batch=fingerprint["global_batch"], world_size=fingerprint["world"])
-    summary.update(
-        deepspeed=args.deepspeed, final=final, padding_share=round(pad / max(slots, 1), 4)
-    )
-    path = os.path.join(args.out, "train_summary.json")
-    bookkeeping.save_trained(args.out, model, tok, path, summary, t_start, args)
-    print(
-        f"train.py: {fingerprint['steps']} steps on {fingerprint['examples']} rows -> {args.out} "
-        f"(final loss {final['total']:.4f})"
-    )
-
-
-def run_fingerprint(args, n_examples, global_batch, world, steps):
-    """What a resume checkpoint must agree with: the data, its size, the step layout, lr, seed."""
-    fingerprint = dict(
-        data=os.path.abspath(args.data), examples=n_examples, global_batch=global_batch
-    )
-    fingerprint.update(world=world, steps=steps, lr=args.lr, seed=args.seed)
-    return fingerprint
 
 
 if __name__ == "__main__":

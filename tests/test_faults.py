@@ -224,7 +224,7 @@ def bad_input_cases(tmp, model):
             "train",
             ["--data", pool, *tr[:-1], "0"],
             {},
-            "...error: --batch-size must be >= 1",
+            "...error: argument --batch-size: must be an integer >= 1, got '0'",
         ),
     ]
 
