@@ -176,7 +176,7 @@ def test_config_mismatch_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     bookkeeping.write_json(
         str(out / "config.json"),
-        {**vars(alt_loop.parse_args(["--out", str(out)])), "iterations": 4},
+        {**vars(alt_loop.parse_args(["--out", str(out)])), "iterations": 4, "num_samples": 4},
     )
     with pytest.raises(SystemExit) as e:
         bookkeeping.cli(lambda: alt_loop.main(["--out", str(out), "--num-samples", "8"]))
