@@ -4,7 +4,7 @@ a user would.
     k = 0:      evaluate p_0 itself (the baseline row)
     k = 1..N:   sample    y ~ p_{θ_{k-1}}(· | f̂_{k-1}, x)     (k = 1: p_0, unconditioned)
                 feedback  D_k = D_{k-1} ∪ {(x, y, f = F(x, y))}
-                train     θ_k = argmin_θ L(θ; D_k), starting from θ_{k-1}, KL to p_0  (Equation 1)
+                train     θ_k = argmin_θ L(θ; D_k) from θ_{k-1}, KL to p_0  (Equation 1)
                 evaluate  θ_k on the eval prompts under f̂_k
 
 Every stage is launched as the command a user would type; the command is printed first, so the run
@@ -284,7 +284,7 @@ def main(argv=None):
     print(f"[alt_loop] finished {args.iterations} iterations in {took}: {args.out}/results.md")
 
 
-# ----------------------------------------------------------------------- plumbing: presets, config.json
+# ------------------------------------------------------------------- plumbing: presets, config.json
 def dash(key):
     return f"--{key.replace('_', '-')}"
 

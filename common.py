@@ -1,22 +1,22 @@
-"""common.py: the one contract the ALT stages share: the row schema, the conditioning template, prompt and policy
-loading. The plumbing (JSONL I/O, errors, resume journals, checkpoints) is in bookkeeping.py.
+"""common.py: the one contract the ALT stages share: row schema, conditioning template, prompt
+and policy loading. The plumbing (JSONL I/O, errors, resume journals, checkpoints): bookkeeping.py.
 
 Prompt file (input of sample.py / evaluate.py), one JSON object per line:
-    {"prompt": "text"}  or the RealToxicityPrompts shape  {"prompt": {"text": "..."}},  optional "id"
-    (when "id" is missing, the id is the 0-based line index). An HF dataset name works too (load_prompts).
+    {"prompt": "text"}  or the RealToxicityPrompts shape  {"prompt": {"text": "..."}},
+    optional "id" (missing: the 0-based line index). An HF dataset name works too (load_prompts).
 
-Datapool row, one JSON object per (x, y). D grows across iterations; every stage reads/writes this shape:
+Datapool row, one JSON object per (x, y). D grows across iterations; every stage reads/writes it:
     prompt_id   int|str     id of x in its prompt file
     sample_idx  int         index of y among the samples drawn for x in that iteration
     prompt      str         the raw prompt x, never with feedback
     generation  str         the continuation y
-    condition   str|null    the exemplar feedback f̂ prepended while sampling (null: unconditioned, iteration 1)
+    condition   str|null    exemplar feedback f̂ prepended in sampling (null: x alone, iteration 1)
     iteration   int         the ALT iteration k that sampled y
     truncated   bool        y hit max_new_tokens without EOS
     num_tokens  int         number of generated tokens
   added by feedback.py:
-    reward      float|null  scalar reward of (x, y) (1 - toxicity for the toxicity task; null: scorer failed)
-    feedback    str|null    the textual feedback f (null: none could be given; train.py skips the row)
+    reward      float|null  reward of (x, y) (toxicity task: 1 - toxicity; null: scorer failed)
+    feedback    str|null    the textual feedback f (null: none given; train.py skips the row)
 
 Conditioning template (the single source, used by sample, train and evaluate):
     condition(x, f) = f + "<|separator|>" + x        (x alone when f is None)
@@ -27,7 +27,7 @@ import os
 from bookkeeping import AltError, default_device_dtype, hub_unreachable, load_error, read_jsonl
 
 SEPARATOR = "<|separator|>"
-# the kinds a pool row's fields may have, for bookkeeping.check_row (prompt_id null: grouped by the prompt text)
+# a pool row's field kinds, for bookkeeping.check_row (prompt_id null: grouped by prompt text)
 POOL_ROW = {
     "prompt_id": (int, str, None),
     "prompt": (str,),
@@ -49,21 +49,22 @@ def meta_path(pool):
 
 
 def condition(prompt, feedback):
-    """The model input for x under feedback f: f, the separator token, then x. p_0 (feedback None) sees x alone."""
+    """The input for x under feedback f: f, the separator, then x. p_0 (f None) sees x alone."""
     return prompt if feedback is None else f"{feedback}{SEPARATOR}{prompt}"
 
 
 def control_token_ids(tokenizer):
-    """Ids of the tokens ALT adds (separator, Quark quantiles): sampling must never generate them."""
+    """Ids of the tokens ALT adds (separator, Quark quantiles): sampling must never emit them."""
     return sorted(
         i for t, i in tokenizer.get_vocab().items() if t == SEPARATOR or t.startswith("<|quantile_")
     )
 
 
 def load_prompts(spec, split="train", field=None):
-    """Prompts as [{"id", "prompt"}] from a local JSONL file or, with `field` (dotted, e.g. prompt.text), any
-    `datasets` source: an HF dataset name, a folder of datasets' save_to_disk, or a local JSON/JSONL file through
-    datasets' json loader. Any other folder is an error (load_dataset would build a cache of it under ~/.cache)."""
+    """Prompts as [{"id", "prompt"}] from a local JSONL file or, with `field` (dotted, e.g.
+    prompt.text), any `datasets` source: an HF dataset name, a folder of datasets' save_to_disk, or
+    a local JSON/JSONL file through datasets' json loader. Any other folder is an error
+    (load_dataset would build a cache of it under ~/.cache)."""
     saved = os.path.isdir(spec)
     if saved and not {"state.json", "dataset_dict.json"} & set(os.listdir(spec)):
         raise AltError(
@@ -109,8 +110,9 @@ def load_prompts(spec, split="train", field=None):
 
 
 def load_policy(name_or_path, device=None, dtype=None, extra_tokens=(), trust_remote_code=False):
-    """Any HF causal LM by Hub name or local path -> (model, tokenizer): left padding, a pad token, and the
-    separator (plus `extra_tokens`, e.g. Quark's) added as special tokens with new embedding rows set to EOS's."""
+    """Any HF causal LM by Hub name or local path -> (model, tokenizer): left padding, a pad token,
+    and the separator (plus `extra_tokens`, e.g. Quark's) added as special tokens, their new
+    embedding rows set to EOS's."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,25 +1,25 @@
-"""sample.py: stage 1 of ALT's Algorithm 1. Draw y ~ p_θ(· | f̂, x) for every prompt x and write them to D.
+"""sample.py: stage 1 of ALT's Algorithm 1: draw y ~ p_θ(· | f̂, x) for every prompt x into D.
 
-Input  --prompts  JSONL, one prompt x per line: {"prompt": "text"} or {"prompt": {"text": "..."}}, optional "id"
-                  (or any `datasets` source with --prompt-field, e.g. allenai/real-toxicity-prompts + prompt.text)
-Output --out      JSONL datapool rows (schema in common.py), prompts in file order, the samples of x together:
-                  {"prompt_id", "sample_idx", "prompt": x (raw, never with feedback), "generation": y,
-                   "condition": f̂ or null, "iteration": k, "truncated": no EOS within max_new_tokens, "num_tokens"}
+Input  --prompts  JSONL of x: {"prompt": "text"} or {"prompt": {"text": "..."}}, optional "id";
+                  or `datasets` via --prompt-field (allenai/real-toxicity-prompts: prompt.text)
+Output --out      JSONL datapool rows (schema in common.py) in prompt order, x's samples together:
+                  {"prompt_id", "sample_idx", "prompt": x (raw, no feedback), "generation": y,
+                   "condition": f̂ or null, "iteration": k, "truncated": no EOS, "num_tokens"}
 
 Launch:
-    python sample.py --model toy/model --prompts toy/prompts/train.jsonl --out runs/x/iter_1/samples.jsonl \
-        --num-samples 4 --max-new-tokens 20 --top-p 1.0 --temperature 1.0 [--condition "Lowest Toxicity"]
+    python sample.py --model toy/model --prompts toy/prompts/train.jsonl \
+        --out runs/x/iter_1/samples.jsonl --num-samples 4 --max-new-tokens 20 --top-p 1.0 \
+        --temperature 1.0 [--condition "Lowest Toxicity"]
 
-Rule (Algorithm 1, sampling step): for each x and j < num_samples,  y_j ~ p_θ(· | condition(x, f̂))  with
-    condition(x, f̂) = f̂ + <|separator|> + x,   and x alone at iteration 1 (no --condition: p_θ = p_0).
-Nucleus sampling (top_p) at temperature T, no top-k, with HF's do_sample (--exact-sampler: the same distribution
-drawn by inverse CDF, faster on CPU). EOS is blocked for the first --min-new-tokens tokens, as the official sampler.
-The separator and Quark's quantile tokens are control tokens: their logits are -inf, so y never contains them.
---condition-pool (ALT_LMU) draws one f̂ per prompt.
+Rule (Algorithm 1, sampling step): for x and j < num_samples, y_j ~ p_θ(· | condition(x, f̂)),
+condition(x, f̂) = f̂ + <|separator|> + x; x alone at iteration 1 (no --condition: p_θ = p_0).
+Nucleus sampling (top_p) at temperature T, no top-k, by HF's do_sample (--exact-sampler: the same
+distribution by inverse CDF, faster on CPU); EOS blocked for the first --min-new-tokens tokens as in
+the official sampler; control tokens (separator, Quark's quantiles) are never sampled (-inf logits).
 
-Sharding: --shard i/n samples the prompts with index % n == i into OUT.shard-i-of-n; --merge OUT joins them in
-prompt order. Resume: a finished OUT prints "done"; a killed run leaves no OUT, only OUT.partial (finished batches)
-from which the rerun goes on, giving the same rows as an uninterrupted run.
+Sharding: --shard i/n samples the prompts with index % n == i into OUT.shard-i-of-n; --merge OUT
+joins them in prompt order. Resume: a finished OUT prints "done"; a killed run leaves no OUT, only
+OUT.partial (finished batches); a rerun resumes from it, giving an uninterrupted run's rows.
 """
 
 import argparse
@@ -43,7 +43,7 @@ import common
 from bookkeeping import AltError, finite
 from common import SEPARATOR
 
-# ----------------------------------------------------------------------------- defaults (paper: toxicity, after Quark)
+# ---------------------------------------------------------- defaults (paper: toxicity, after Quark)
 NUM_SAMPLES = 4  # samples per prompt per iteration
 MAX_NEW_TOKENS = 20  # paper/Quark toxicity: 20 new tokens
 MIN_NEW_TOKENS = 3  # official toxicity sampler: EOS is forbidden for the first 3 tokens
@@ -59,7 +59,7 @@ SAMPLING = (
 
 
 def add_sampling_flags(p, num_samples=NUM_SAMPLES, top_p=TOP_P, split="train"):
-    """The flags of y ~ p_θ(· | f̂, x), shared with evaluate.py (its defaults: the paper's for evaluation)."""
+    """The flags of y ~ p_θ(· | f̂, x); evaluate.py adds them with the paper's eval defaults."""
     a, count, prob = p.add_argument, finite(1, kind=int), finite(0, 1, strict=True)
     a("--split", default=split, help="dataset split when --prompts goes through `datasets`")
     a("--prompt-field", help="dotted field of x (e.g. prompt.text): read --prompts with `datasets`")
@@ -126,16 +126,16 @@ def sampling_settings(args):
 
 
 def feedback_per_prompt(n, feedback, pool, seed):
-    """f̂ for each of n prompts: `feedback` (None: x alone), or one drawn from `pool` (ALT_LMU), seeded."""
+    """Each of n prompts' f̂: `feedback` (None: x alone) or a seeded draw from `pool` (ALT_LMU)."""
     rng = random.Random(seed)
     return [rng.choice(pool) for _ in range(n)] if pool else [feedback] * n
 
 
 # ----------------------------------------------------------------------------- batched sampling
 class InverseCdfSampler(LogitsProcessor):
-    """An exact draw y_t ~ softmax(scores) by inverse CDF, one uniform per row; returns scores that are -inf except at
-    the draw, so greedy decoding emits it. Why not do_sample=True: torch.multinomial draws one exponential per vocab
-    entry, which was 27% of CPU time at 256 rows x 8k vocab; this needs one cumsum and 256 uniforms."""
+    """An exact draw y_t ~ softmax(scores) by inverse CDF, one uniform per row: scores become -inf
+    except at the draw, so greedy decoding emits it. Not do_sample=True: torch.multinomial draws one
+    exponential per vocab entry (27% of CPU time at 256 rows x 8k vocab); this is one cumsum."""
 
     def __call__(self, input_ids, scores):
         probs = scores.float().softmax(-1)  # (rows, V), after suppression, temperature and top-p
@@ -149,7 +149,7 @@ class InverseCdfSampler(LogitsProcessor):
 
 
 def sampler(top_p, temperature):
-    """Logits processors for nucleus sampling at temperature T with the exact sampler last (HF's public warpers)."""
+    """Logits processors: HF's temperature and top-p warpers, then the exact sampler."""
     warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
     warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
     return LogitsProcessorList([*warpers, InverseCdfSampler()])
@@ -168,7 +168,7 @@ def sample_batch(
     min_new_tokens=MIN_NEW_TOKENS,
     exact_sampler=False,
 ):
-    """One model.generate call on left-padded inputs -> per input, num_samples {generation, truncated, num_tokens}."""
+    """One model.generate call on left-padded inputs -> per input, num_samples result dicts."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = model.generation_config.eos_token_id
     eos = sorted({*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None})
@@ -177,7 +177,7 @@ def sample_batch(
     rows = [t for t in batch_ids for _ in range(k)]  # row r*k + j is sample j of input r
     input_ids, mask = bookkeeping.pad_batch(rows, pad, left=True)  # (B * k, width)
     width = input_ids.shape[1]
-    # the textbook path: y_t ~ p_θ(· | f̂, x, y<t), HF's own nucleus sampling (top_k 0: no top-k cut)
+    # the textbook path: y_t ~ p_θ(· | f̂, x, y<t), HF's nucleus sampling (top_k 0: no top-k cut)
     draw = dict(do_sample=True, top_p=top_p, temperature=temperature, top_k=0)
     if greedy or exact_sampler:  # greedy decoding, or greedy over InverseCdfSampler's one-hot draw
         processors = None if greedy else sampler(top_p, temperature)
@@ -230,12 +230,11 @@ def generate_batched(
     min_new_tokens=MIN_NEW_TOKENS,
     exact_sampler=False,
 ):
-    """Sample num_samples continuations of each already-conditioned input string with batched model.generate.
-    Returns a list aligned with `inputs` of lists (num_samples) of {"generation", "truncated", "num_tokens"}.
-    return_ids adds "ids": y's token ids before EOS (exact, for RL log-probs; decode + re-encode can differ).
-    Optional: done {batch index: that batch's results} skips those batches (resume); on_batch(b, results) is
-    called after each new batch; stats (a dict) receives counts (prompts_truncated, pad_share, generations, ...).
-    """
+    """num_samples continuations of each already-conditioned input string, by batched generate.
+    Returns, aligned with `inputs`, lists of num_samples {"generation", "truncated", "num_tokens"};
+    return_ids adds "ids": y's token ids before EOS (exact, for RL log-probs; re-encoding can
+    differ). done {batch index: its results} skips those batches (resume); on_batch(b, results)
+    runs after each new batch; stats (a dict) gets counts (generations, prompts_truncated, ...)."""
     ids = tokenizer(list(inputs), add_special_tokens=True)["input_ids"] if inputs else []
     ctx, sep = bookkeeping.context_length(model.config), tokenizer.get_vocab().get(SEPARATOR)
     # inputs past the context lose their start, never f̂ + separator; batches of similar lengths
@@ -270,7 +269,8 @@ def main(argv=None):
     for f in pool or [args.condition]:
         if f is not None and (not f.strip() or SEPARATOR in f):
             raise AltError(
-                f"feedback {f!r} is empty or contains {SEPARATOR}; omit --condition for unconditioned x"
+                f"feedback {f!r} is empty or contains {SEPARATOR}; "
+                "omit --condition for unconditioned x"
             )
     local = args.prompts.endswith((".jsonl", ".json")) or args.prompts.startswith((".", os.sep))
     if args.prompt_field is None and local and not os.path.exists(args.prompts):
@@ -325,8 +325,8 @@ def main(argv=None):
         os.remove(side)
     rate = stats.get("generations", 0) / max(stats.get("seconds", 0), 1e-9)
     print(
-        f"sample.py: {len(rows)} rows ({len(keep)} prompts x {args.num_samples}) -> {out}; "
-        f"skipped {n_mine - len(keep)} empty prompts; left-truncated {stats.get('prompts_truncated', 0)} "
+        f"sample.py: {len(rows)} rows ({len(keep)} prompts x {args.num_samples}) -> {out}; skipped "
+        f"{n_mine - len(keep)} empty prompts; left-truncated {stats.get('prompts_truncated', 0)} "
         f"over-long prompts; {sum(r['truncated'] for r in rows)} generations hit --max-new-tokens; "
         f"{stats.get('batches_resumed', 0)} batches resumed; {rate:.1f} generations/s"
     )
