@@ -1,34 +1,34 @@
-"""feedback.py: stage 2 of ALT's Algorithm 1. Every new sample y ~ p_θ(·|f̂, x) gets a textual feedback f = F(x, y)
-and joins the datapool: D_k = D_{k-1} ∪ {(x, y, r, f)}.
+"""feedback.py: stage 2 of ALT's Algorithm 1. Every new sample y ~ p_θ(·|f̂, x) gets a textual
+feedback f = F(x, y) and joins the datapool: D_k = D_{k-1} ∪ {(x, y, r, f)}.
 
-Input   --samples  sample.py's JSONL, one row per (x, y) (see common.py; prompt_id, prompt, generation required).
-        --pool     D_{k-1}: this stage's previous output (optional). Its rewards and LLM answers are kept as they are.
+Input   --samples  sample.py's rows (x, y) (common.py schema; needs prompt_id, prompt, generation)
+        --pool     D_{k-1}: this stage's previous output (optional); its rewards, LLM answers stay
 Output  --out      D_k: every --pool row, then every --samples row, each with
-                     reward    float|null  alt-rm/quark: 1 - toxicity(y); LLM methods: the judge's grade (alt-lmc and
-                                           steerlm: #categories - 1 - rank, so "Harmful" = 0; alt-lmu: its Score)
-                     feedback  str|null    f (null: no valid feedback could be had; train.py skips the row)
-                     score     int|null    alt-lmu only: the judge's "Score: 0-3"
-        OUT minus ".jsonl" plus ".meta.json": method, scorer, quantiles, scope, tags (best first), exemplar (f̂),
-        counts, llm. alt-lmu also writes exemplars.json (the top-score feedbacks, for sample.py --condition-pool).
+          reward    float|null  alt-rm/quark: 1 - toxicity(y); LLM methods: the judge's grade:
+                                #categories - 1 - rank ("Harmful" = 0), alt-lmu: its Score
+          feedback  str|null    f (null: no valid feedback could be had; train.py skips the row)
+          score     int|null    alt-lmu only: the judge's "Score: 0-3"
+        OUT minus ".jsonl" plus ".meta.json": method, scorer, quantiles, scope, tags (best first),
+        exemplar (f̂), counts, llm; alt-lmu also exemplars.json (top-score f: --condition-pool).
 Methods (F):
-  alt-rm   f = the tag of y's reward quantile. The rows with a reward are sorted by reward, descending, ties broken by
-           (prompt_id, iteration, sample_idx), and cut into K contiguous chunks of near-equal size with
-           numpy.array_split semantics (the first n % K chunks hold one row more); chunk q gets tags[q], q=0 the best.
-           --scope global ranks all of D_k at once (old rows get new tags, never new rewards); --scope prompt ranks
-           each prompt_id's rows apart. A group with fewer than K rows is an error before any scoring; a group that
-           scorer failures leave with n < K scored rows gets tags[0..n-1].
+  alt-rm   f = the tag of y's reward quantile: rewarded rows, by reward descending (ties: prompt_id,
+           iteration, sample_idx), are cut into K chunks as by numpy.array_split (the first n % K
+           one row longer); chunk q gets tags[q], q=0 the best. --scope global ranks all of D_k (old
+           rows get new tags, never new rewards), prompt each prompt_id's rows apart. A group under
+           K rows: error before any scoring; n < K scored (scorer failures): tags[0..n-1].
   quark    the same, with tags = K control tokens <|quantile_0|> ... (common.quantile_token).
-  alt-lmc  f = the category an LLM judge picks under a few-shot prompt (prompts/lmc_hh.txt, the paper's Fig. 19).
-  steerlm  alt-lmc's answer as an attribute string (App. D), e.g. "Harmless and helpful" -> "harmful:0,helpful:1".
-  alt-lmu  f = the "Feedback:" sentence of a free judge reply "Analysis: / Feedback: / Score: 0-3" (Fig. 20).
-  Only the judge's reply is parsed (a y that says "Feedback: Harmless ..." cannot label itself), strictly: normalised
-  for case and punctuation it must equal a category (alt-lmc) or hold exactly the three fields (alt-lmu); otherwise
-  it is asked again, up to --max-attempts, then f = null (counted). Parsed answers are appended to --cache as they
-  arrive, keyed by sha256(model, template, x, y): a killed run loses none, a rerun asks nothing it has.
+  alt-lmc  f = the category an LLM judge picks, few-shot (prompts/lmc_hh.txt, the paper's Fig. 19).
+  steerlm  alt-lmc's answer as an App. D attribute string ("Harmful" -> "harmful:1,helpful:0").
+  alt-lmu  f = the "Feedback:" line of a free reply "Analysis: / Feedback: / Score: 0-3" (Fig. 20).
+  Only the judge's reply is parsed (a y saying "Feedback: Harmless" cannot label itself), strictly:
+  normalised for case and punctuation it must be a category (alt-lmc) or the three fields (alt-lmu);
+  else asked again, up to --max-attempts, then f = null (counted). Answers go to --cache on arrival,
+  keyed by sha256(model, template, x, y): a killed run loses none, a rerun asks nothing it has.
 Launch:
-  python feedback.py --method alt-rm --samples runs/x/iter_2/samples.jsonl --pool runs/x/iter_1/pool.jsonl \
-      --out runs/x/iter_2/pool.jsonl --quantiles 5 --scope global
-  python feedback.py --method alt-lmc --samples S.jsonl --out O.jsonl --base-url http://127.0.0.1:8000/v1 --llm-model M
+  python feedback.py --method alt-rm --samples runs/x/iter_2/samples.jsonl \
+      --pool runs/x/iter_1/pool.jsonl --out runs/x/iter_2/pool.jsonl --quantiles 5 --scope global
+  python feedback.py --method alt-lmc --samples S.jsonl --out O.jsonl \
+      --base-url http://127.0.0.1:8000/v1 --llm-model M
 """
 
 import argparse
@@ -69,25 +69,18 @@ LLM_METHODS = ("alt-lmc", "alt-lmu", "steerlm")
 ROW_IDS = {"prompt_id": (int, str), "iteration": (int, None), "sample_idx": (int, None)}
 
 
-# ----------------------------------------------------------------------------- quantile feedback (alt-rm, quark)
+# ------------------------------------------------------------- quantile feedback (alt-rm, quark)
 def assign_quantiles(rows, k, scope="global"):
-    """Quantile index per row, 0 = highest reward, None where reward is None (the rule: module docstring)."""
+    """Quantile index per row, 0 = highest reward, None for no reward (rule: module docstring)."""
     groups = collections.defaultdict(list)
     for i, r in enumerate(rows):
-        if r["reward"] is not None:
-            groups[r["prompt_id"] if scope == "prompt" else None].append(i)
+        if r["reward"] is not None:  # sort key: reward descending, then the ids (ints < strs)
+            ids = (r["prompt_id"], r.get("iteration") or 0, r.get("sample_idx") or 0)
+            key = (-r["reward"], isinstance(ids[0], str), *ids, i)
+            groups[r["prompt_id"] if scope == "prompt" else None].append(key)
     out = [None] * len(rows)
-    for idx in groups.values():
-        idx.sort(
-            key=lambda i: (
-                -rows[i]["reward"],
-                isinstance(rows[i]["prompt_id"], str),  # ints < strs
-                rows[i]["prompt_id"],
-                rows[i].get("iteration") or 0,
-                rows[i].get("sample_idx") or 0,
-                i,
-            )
-        )
+    for keys in groups.values():
+        idx = [key[-1] for key in sorted(keys)]
         for q, chunk in enumerate(np.array_split(np.array(idx), k)):
             for i in chunk.tolist():
                 out[i] = q
@@ -122,25 +115,27 @@ def quantile_feedback(args, tags, pool, new, counts):
         r["feedback"] = None if q is None else tags[q]
 
 
-# ----------------------------------------------------------------------------- LLM feedback (alt-lmc, alt-lmu, steerlm)
+# ------------------------------------------------------ LLM feedback (alt-lmc, alt-lmu, steerlm)
 def normalise(text):
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
 def parse_category(reply, categories):
-    """The category the WHOLE reply equals once normalised (case, punctuation, an optional "Feedback:"), else None."""
+    """The category the WHOLE reply equals, normalised (case, punctuation, "Feedback:"), or None."""
     norm = (normalise(reply) if isinstance(reply, str) else "").removeprefix("feedback ")
     return next((c for c in categories if normalise(c) == norm), None)
 
 
 LMU_RE = re.compile(
-    r"\s*analysis:(?P<a>.+?)^\s*feedback:[ \t]*(?P<f>[^\n]*?)\s*^\s*score:[ \t]*(?P<s>[0-3])[ \t.]*\s*",
+    r"\s*analysis:(?P<a>.+?)^\s*feedback:[ \t]*(?P<f>[^\n]*?)\s*"
+    r"^\s*score:[ \t]*(?P<s>[0-3])[ \t.]*\s*",
     re.I | re.S | re.M,
 )
 
 
 def parse_unconstrained(reply):
-    """(feedback, score) from a reply "Analysis: ...\\nFeedback: <one line>\\nScore: <0-3>" and no more, else None."""
+    """(feedback, score) from a reply that is just "Analysis: ...\\nFeedback: <one line>\\nScore:
+    <0-3>", else None."""
     m = LMU_RE.fullmatch(reply) if isinstance(reply, str) else None
     if not m or not m["a"].strip() or not normalise(m["f"]):
         return None
@@ -149,9 +144,7 @@ def parse_unconstrained(reply):
 
 def fill(template, x, y):
     """One pass, so braces inside x or y are never substituted."""
-    return re.sub(
-        r"\{(prompt|generation)\}", lambda m: {"prompt": x, "generation": y}[m[1]], template
-    )
+    return re.sub(r"\{(prompt|generation)\}", lambda m: x if m[1] == "prompt" else y, template)
 
 
 def llm_feedback(args, categories, pool, new, counts, exemplars):
@@ -290,14 +283,14 @@ def feedback_tags(args, categories):
     tags = TAG_SETS.get(args.tags, custom)
     if tags is None or len(tags) != args.quantiles or len(set(tags)) != len(tags) or not all(tags):
         raise AltError(
-            f"--tags {args.tags!r}: need {args.quantiles} distinct tags (= --quantiles), best first: "
-            f"{' | '.join(TAG_SETS)} | a,b,c"
+            f"--tags {args.tags!r}: need {args.quantiles} distinct tags (= --quantiles), best "
+            f"first: {' | '.join(TAG_SETS)} | a,b,c"
         )
     return tags
 
 
 def load_inputs(args, tags):
-    """(pool rows, new rows), validated: a pool from another method / K / scorer or with unknown labels is an error."""
+    """(pool rows, new rows), checked: a pool of another method / K / scorer or unknown f: error."""
     pool, mp = [], args.pool and meta_path(args.pool)
     if args.pool:
         required = ("prompt_id", "prompt", "generation", "reward", "feedback")
@@ -316,8 +309,8 @@ def load_inputs(args, tags):
     for i, r in enumerate(pool, 1):
         if tags is not None and r["feedback"] is not None and r["feedback"] not in tags:
             raise AltError(
-                f"{args.pool}:{i}: feedback {r['feedback']!r} is not one of --method {args.method}'s "
-                f"tags ({', '.join(tags)}): a pool from another method?"
+                f"{args.pool}:{i}: feedback {r['feedback']!r} is not one of --method "
+                f"{args.method}'s tags ({', '.join(tags)}): a pool from another method?"
             )
     schema = {**ROW_IDS, "prompt": (str,), "generation": (str,)}
     new = bookkeeping.read_jsonl(args.samples, ("prompt_id", "prompt", "generation"), schema=schema)
@@ -332,7 +325,7 @@ def load_inputs(args, tags):
 
 
 def write_outputs(args, rows, tags, exemplar, counts, llm):
-    """D_k to --out, then its meta: method, scorer, quantiles, scope, tags, exemplar, counts, llm."""
+    """D_k to --out, then the meta: method, scorer, quantiles, scope, tags, exemplar, counts, llm"""
     counts["feedback_null"] = sum(r["feedback"] is None for r in rows)
     if tags:
         counts["per_tag"] = {t: sum(r["feedback"] == t for r in rows) for t in tags}

@@ -1,29 +1,25 @@
-"""train.py: stage 3 of ALT (Algorithm 1), θ_k ← argmin_θ L_θ on the datapool D, in one plain PyTorch loop.
+"""train.py: stage 3 of ALT (Algorithm 1), θ_k ← argmin_θ L_θ on the datapool D, in PyTorch.
 
 Equation 1 (x the prompt, y the generation, f its feedback, p_θ the policy, p_0 the initial model):
     L_θ = E_(x,y,f)~D [ −log p_θ(y | f, x) ]                   # NLL, on y's tokens only
-        + β · E [ KL( p_0(· | x, y<t) ‖ p_θ(· | f, x, y<t) ) ]  # the reference p_0 sees NO feedback
+        + β · E [ KL( p_0(· | x, y<t) ‖ p_θ(· | f, x, y<t) ) ]  # p_0 sees NO feedback
         − α · E [ H( p_θ(· | f, x, y<t) ) ]                   # entropy bonus
 Every E is a token-level mean over one optimizer step's response tokens (all micro-batches, all
 ranks), as in the official toxicity trainer; KL and H: exact sums over the vocabulary, at y only.
-
 Input  --data POOL.jsonl: datapool rows (common.py schema; uses prompt_id, prompt, generation,
-       feedback, truncated); feedback=null rows are skipped and counted. POOL.meta.json (method,
-       tags, exemplar) if present.
+       feedback, truncated; feedback=null: skipped, counted); POOL.meta.json if present.
 Output --out DIR: save_pretrained (safetensors) + tokenizer (with ALT's added tokens);
        DIR/train_log.jsonl, a row per step {step, epoch, nll, kl, entropy, total, beta, alpha, lr,
        grad_norm, tokens, tokens_per_s}; DIR/train_summary.json (the meta's method, tags, exemplar;
-       counts; final row). DIR/checkpoint/ holds the resume state; a finished DIR (its summary
-       exists) makes a rerun print "done".
+       counts; final row), which makes a rerun print "done"; DIR/checkpoint/: the resume state.
 Launch:
     python train.py --data runs/x/iter_2/pool.jsonl --model runs/x/iter_1/model \
         --ref-model toy/model --out runs/x/iter_2/model --beta 0.05 --alpha 0.06
     torchrun --nproc_per_node 2 train.py ...                      # DDP: gloo on CPU, nccl on GPU
     deepspeed --num_gpus 2 train.py --deepspeed configs/ds_zero2.json ...
 Token layout: the prefix (condition(x, f) for p_θ, x alone for p_0) and y are tokenised apart, so
-y's ids, and its column P in a batch (prefixes left-padded), are the same in both models' inputs.
-Reading order: the flags, the data pieces, Equation 1, then main and its loop. launch.py (output
-folder, models, optimizer, DDP, DeepSpeed, checkpoints, summary) can be skipped.
+y's ids and column P (prefixes left-padded) match in both models' inputs. Read the flags, the data
+pieces, Equation 1, then main; launch.py (models, optimizer, DDP, DeepSpeed, checkpoints) can wait.
 """
 
 import argparse
@@ -71,7 +67,7 @@ def parse_args(argv=None):
     add("--max-samples", type=count, help="random subset of N rows after filtering (paper: all)")
     add("--target-kl", type=pos, help="adapt β to keep the per-token KL near this (paper: fixed)")
     add("--target-entropy", type=pos, help="adapt α to keep the entropy near this (paper: fixed)")
-    add("--controller-rate", type=pos, default=0.1, help="log-step of the adaptive β/α controllers")
+    add("--controller-rate", type=pos, default=0.1, help="log-step of the β/α controllers")
     add("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU")
     add("--gradient-checkpointing", action="store_true", help="less activation memory, more time")
     add("--save-every", type=count, default=100, help="write the resume checkpoint every N steps")
@@ -130,11 +126,9 @@ def read_pool(path, tags=None, per_category=None, drop_truncated=False, max_samp
         groups = {}
         for r in kept:
             groups.setdefault((r["_x"], r["feedback"]), []).append(r)
-        kept = [
-            r
-            for g in groups.values()
-            for r in (rng.sample(g, per_category) if len(g) > per_category else g)
-        ]
+        kept = []
+        for g in groups.values():
+            kept += rng.sample(g, per_category) if len(g) > per_category else g
         counts["per_category"] = sum(len(g) for g in groups.values()) - len(kept)
     if max_samples and len(kept) > max_samples:
         counts["max_samples"], kept = len(kept) - max_samples, rng.sample(kept, max_samples)
@@ -157,7 +151,6 @@ def encode_rows(rows, tokenizer, max_length, reference=True, eos_target=False):
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
     pre = tokenizer([common.condition(r["prompt"], r.get("feedback")) for r in rows])["input_ids"]
     ref = tokenizer([r["prompt"] for r in rows])["input_ids"]
-    # y continues the prefix: no BOS
     ys = tokenizer([r["generation"] for r in rows], add_special_tokens=False)["input_ids"]
     control = set(common.control_token_ids(tokenizer))
     out = []
@@ -198,11 +191,8 @@ def plan_epoch(examples, global_batch, epoch, seed, window=4):
     rng.shuffle(idx)
     idx = sorted(idx[: len(idx) - len(idx) % global_batch], key=lambda i: examples[i]["x_len"])
     W = global_batch * window
-    idx = [
-        i
-        for s in range(0, len(idx), W)
-        for i in sorted(idx[s : s + W], key=lambda i: len(examples[i]["response"]))
-    ]
+    for s in range(0, len(idx), W):
+        idx[s : s + W] = sorted(idx[s : s + W], key=lambda i: len(examples[i]["response"]))
     batches = [idx[i : i + global_batch] for i in range(0, len(idx), global_batch)]
     rng.shuffle(batches)
     return batches
@@ -244,14 +234,12 @@ def response_logprobs(model, batch):
 
 def alt_loss(logits, ref_logits, targets, resp_mask, eos=None):
     """Equation 1's three sums over a micro-batch's N response tokens -> 0-d (nll, kl, entropy).
-    eos: an id to leave out of the NLL's softmax (−log p_θ(y_t | f, x, y<t, no stop)); None: all."""
+    eos: an id left out of the NLL's softmax (−log p_θ(y_t | f, x, y<t, no stop)); None: all."""
     logp = torch.log_softmax(logits[resp_mask].float(), -1)  # [N, V]: real response positions only
-    # NLL term: −log p_θ(y_t | f, x, y<t)
     nll = -logp.gather(-1, targets[resp_mask].unsqueeze(-1)).sum()
     if eos is not None:  # renormalise over the non-EOS tokens: log(1 − p_θ(EOS)) per position
         nll = nll + torch.log1p(-logp[:, eos].exp().clamp(max=1 - 1e-6)).sum()
-    # H(p_θ(· | f, x, y<t)) = −Σ_v p_θ log p_θ (the loss has −α·H)
-    entropy = -(logp.exp() * logp).sum()
+    entropy = -(logp.exp() * logp).sum()  # H(p_θ(· | f, x, y<t)) = −Σ_v p_θ log p_θ
     # KL(p_0(· | x, y<t) ‖ p_θ(· | f, x, y<t)) = Σ_v p_0 (log p_0 − log p_θ)
     kl = logp.new_zeros(())
     if ref_logits is not None:
@@ -261,8 +249,8 @@ def alt_loss(logits, ref_logits, targets, resp_mask, eos=None):
 
 
 def adapt(args, beta, alpha, kl, ent):
-    """Optional adaptive β, α for the next step (paper: fixed): clipped multiplicative steps toward
-    --target-kl and --target-entropy (Ziegler et al.'s KL rule) from this step's per-token KL, H."""
+    """Optional adaptive β, α for the next step (paper: fixed): clipped multiplicative steps
+    toward --target-kl, --target-entropy (Ziegler et al.'s rule) from the step's per-token KL, H."""
     if args.target_kl:
         beta *= math.exp(args.controller_rate * max(-0.2, min(0.2, kl / args.target_kl - 1)))
     if args.target_entropy:
@@ -270,7 +258,7 @@ def adapt(args, beta, alpha, kl, ent):
     return beta, alpha
 
 
-# ------------------------------------------------------------------------- main: θ_k ← argmin_θ L_θ
+# -------------------------------------------------------------------- main: θ_k ← argmin_θ L_θ
 def main(argv=None):
     args = parse_args(argv)
     if launch.prepare_out(args):  # --out is finished (its summary exists) and no --overwrite
@@ -308,8 +296,7 @@ def main(argv=None):
     )
 
     # ---- the loop: an optimizer step per global batch; rank 0 alone writes log, checkpoints, model
-    log_path = os.path.join(args.out, "train_log.jsonl")
-    log = bookkeeping.open_log(log_path, step) if rank == 0 else None
+    log = None if rank else bookkeeping.open_log(os.path.join(args.out, "train_log.jsonl"), step)
     launch.barrier()
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
     plan, row, pad, slots, t_start = {}, {}, 0, 0, time.time()
@@ -319,17 +306,14 @@ def main(argv=None):
         plan = plan if epoch in plan else {epoch: plan_epoch(examples, G, epoch, args.seed)}
         micro = micro_batches(examples, plan[epoch][b], rank, B, A, tok.pad_token_id)
         n_y, n_in, n_slots = token_counts(micro)
-        # each E of Equation 1 is a mean over the step's N response tokens (all micro-batches/ranks)
-        n_resp = launch.all_sum([n_y], device).item()
-        # this rank's Σ nll, Σ kl, Σ entropy over the step, and its input tokens
-        sums = torch.tensor([0, 0, 0, n_in], dtype=torch.float64)
+        n_resp = launch.all_sum([n_y], device).item()  # Equation 1's N: all micro-batches, ranks
+        sums = torch.tensor([0, 0, 0, n_in], dtype=torch.float64)  # rank's Σ nll, kl, H; tokens
         pad, slots = pad + n_slots - n_in, slots + n_slots
         for j, (pb, rb) in enumerate(micro):
             pb, rb = ({k: v.to(device) for k, v in x.items()} for x in (pb, rb))
             launch.sync_grads(fwd, last=j == A - 1)  # DDP: all-reduce on the last micro-batch only
             with ctx:
-                # p_0 is fixed (not inference_mode: the KL saves its logits for backward)
-                with torch.no_grad():
+                with torch.no_grad():  # p_0 fixed; not inference_mode: backward needs its logits
                     ref_logits = None if ref is None else response_logits(ref, rb, vocab)
                 logits = response_logits(fwd, pb, vocab)
                 nll, kl, entropy = alt_loss(logits, ref_logits, pb["targets"], pb["resp_mask"], eos)
